@@ -1,0 +1,15 @@
+"""privml: run existing, unmodified PyTorch models privately (MPC, CKKS, hybrid enclave).
+
+Public API: ``compile``, ``Session``, ``validate``, ``Plan``, ``errors``. Backends load
+lazily: importing privml loads neither TenSEAL nor CrypTen.
+"""
+
+from privml import errors
+from privml.compile.api import CompiledModel
+from privml.compile.api import compile as compile  # noqa: PLW0622 - the public name is `privml.compile`
+from privml.compile.plan import Plan
+from privml.compile.validate import Problem, fix, validate
+from privml.session import Session
+
+__version__ = "0.1.0"
+__all__ = ["compile", "Session", "CompiledModel", "Plan", "Problem", "validate", "fix", "errors", "__version__"]

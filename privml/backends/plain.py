@@ -1,0 +1,184 @@
+"""The ``plain`` backend: privml's op table executed in clear, the reference for every other backend.
+
+It answers "what will the encrypted model compute?" without keys: the same ops
+are allowed (anything else raises ``UnsupportedOperation`` exactly as a real
+backend would), and an optional simulation perturbs every arithmetic result the
+way CKKS noise (``mode="ckks"``) or fixed-point MPC (``mode="fixed_point"``)
+would. It never stands in for a cryptographic backend in tests of that backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._pytree import tree_map
+
+from privml.errors import RangeViolation
+from privml.tensor import PrivateTensor, ops
+
+aten = torch.ops.aten
+T = torch.Tensor
+
+
+@dataclass
+class Simulation:
+    """How the plain backend perturbs results to mimic an encrypted backend.
+
+    ``mode``: "none" (exact), "ckks" (additive Gaussian noise of std ``ckks_noise_std``
+    after every arithmetic op; the default matches scale 2^40 at N=8192 with margin),
+    or "fixed_point" (round to ``2**-frac_bits`` like CrypTen's encoder and fail with
+    ``RangeViolation`` where a product could wrap the 64-bit ring).
+    """
+
+    mode: str = "none"
+    ckks_noise_std: float = 2.0**-24
+    frac_bits: int = 16
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "ckks", "fixed_point"):
+            raise ValueError(f"unknown simulation mode {self.mode!r}: use 'none', 'ckks' or 'fixed_point'")
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def fixed_point_limit(self) -> float:
+        """Largest |value| whose product with another such value still fits CrypTen's 64-bit ring."""
+        return 2.0 ** ((63 - 2 * self.frac_bits) / 2)
+
+    def apply(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        if self.mode == "ckks":
+            noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float64) * self.ckks_noise_std
+            return x + noise.to(x.dtype)
+        if self.mode == "fixed_point":
+            limit = self.fixed_point_limit
+            peak = float(x.abs().max()) if x.numel() else 0.0
+            if peak >= limit:
+                raise RangeViolation(
+                    f"privml: '{op}' produced |value| = {peak:.4g}, beyond the fixed-point headroom "
+                    f"{limit:.4g} for {self.frac_bits} fractional bits: results would wrap around silently. "
+                    "Rescale the inputs or lower frac_bits."
+                )
+            scale = 2.0**self.frac_bits
+            return torch.round(x * scale) / scale
+        return x
+
+
+class PlainTensor(PrivateTensor):
+    """A clear tensor wearing the private-tensor API (payload: a torch.Tensor of the logical shape)."""
+
+    backend_name = "plain"
+    metadata_fields = ("simulation",)
+
+
+_INPLACE = {
+    T.add_: torch.add, T.__iadd__: torch.add, T.sub_: torch.sub, T.__isub__: torch.sub,
+    T.mul_: torch.mul, T.__imul__: torch.mul, T.div_: torch.div, T.__itruediv__: torch.div,
+    torch.nn.functional.relu_: torch.relu, torch.relu_: torch.relu, T.relu_: torch.relu,
+}
+_EXACT = {id(f) for f in ops.FLATTEN + ops.RESHAPE + ops.IDENTITY + ops.CAT + ops.DROPOUT}
+
+
+def _sim_of(args: tuple, kwargs: dict) -> Simulation:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, PlainTensor):
+            return a.simulation
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, PlainTensor):
+                    return b.simulation
+    return Simulation()
+
+
+def _unwrap(a: object) -> object:
+    return a.payload if isinstance(a, PlainTensor) else a
+
+
+def _run(func: object, args: tuple, kwargs: dict) -> object:
+    """Run ``func`` on the payloads and wrap tensor results, simulating noise where arithmetic happened."""
+    sim = _sim_of(args, kwargs)
+    target = _INPLACE.get(func, func)
+    if kwargs.get("inplace"):
+        kwargs = {**kwargs, "inplace": False}
+    with torch._C.DisableTorchFunctionSubclass():
+        out = target(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+    name = getattr(func, "__name__", str(func))
+    exact = id(func) in _EXACT
+
+    def wrap(o: object) -> object:
+        if isinstance(o, torch.Tensor) and not isinstance(o, PrivateTensor):
+            data = o if exact else sim.apply(o, name)
+            return PlainTensor(data, data.shape, data.dtype, simulation=sim)
+        return o
+
+    return tree_map(wrap, out)
+
+
+def _generic(func: object):
+    def handler(*args: object, **kwargs: object) -> object:
+        return _run(func, args, kwargs)
+
+    return handler
+
+
+def _register_generic(group: list) -> None:
+    for f in group:
+        PlainTensor.implements(f)(_generic(f))
+
+
+for _group in (ops.LINEAR, ops.CONV2D, ops.AVG_POOL2D, ops.ADAPTIVE_AVG_POOL2D, ops.MAX_POOL2D, ops.BATCH_NORM,
+               ops.DROPOUT, ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MATMUL, ops.SQUARE, ops.SUM, ops.MEAN,
+               ops.CAT, ops.FLATTEN, ops.RESHAPE, ops.IDENTITY, ops.RELU, ops.LEAKY_RELU, ops.GELU, ops.SILU,
+               ops.SIGMOID, ops.TANH, ops.SOFTPLUS, ops.SOFTMAX, ops.POLYVAL):
+    _register_generic(_group)
+
+
+@PlainTensor.implements(ops.DIV)
+def _div(a: object, b: object, **kwargs: object) -> object:
+    if isinstance(b, PrivateTensor):
+        from privml.tensor.base import unsupported
+
+        raise unsupported(PlainTensor, torch.div, (a, b), kwargs, "division by a private value is not available; "
+                          "divide by a public constant instead.")
+    return _run(torch.div, (a, b), kwargs)
+
+
+@PlainTensor.implements(ops.POW)
+def _pow(a: object, exponent: object, **kwargs: object) -> object:
+    if not (isinstance(exponent, int) or (isinstance(exponent, float) and exponent.is_integer())) or exponent < 0:
+        from privml.tensor.base import unsupported
+
+        raise unsupported(PlainTensor, torch.pow, (a, exponent), kwargs,
+                          "only non-negative integer powers are polynomial; approximate others with privml.compile.")
+    return _run(torch.pow, (a, int(exponent)), kwargs)
+
+
+# aten-level fallback: ops reached only through decomposition (e.g. x.t(), nn.Linear via addmm).
+for _op in (aten.detach.default, aten.alias.default, aten.clone.default, aten.view.default, aten._unsafe_view.default,
+            aten.t.default, aten.addmm.default, aten.mm.default, aten.add.Tensor, aten.mul.Tensor,
+            aten.relu.default, aten._to_copy.default):
+    PlainTensor.implements_aten(_op)(_generic(_op))
+
+
+class PlainBackend:
+    """Encrypt/decrypt for the plain backend: wraps and unwraps, with an optional simulation."""
+
+    name = "plain"
+
+    def __init__(self, simulation: Simulation | None = None) -> None:
+        self.simulation = simulation or Simulation()
+
+    def encrypt(self, x: torch.Tensor) -> PlainTensor:
+        data = self.simulation.apply(x.detach().clone(), "encrypt")
+        return PlainTensor(data, data.shape, data.dtype, simulation=self.simulation)
+
+    def decrypt(self, t: PlainTensor) -> torch.Tensor:
+        return t.payload.detach().clone()
+
+
+def make_backend(plan: object = None, simulation: Simulation | str | None = None, **_: object) -> PlainBackend:
+    """Backend factory used by ``privml.Session`` (``simulation`` may be a mode name)."""
+    if isinstance(simulation, str):
+        simulation = Simulation(simulation)
+    return PlainBackend(simulation)

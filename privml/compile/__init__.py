@@ -1,0 +1,1 @@
+"""Compiler pass: capture, validate, calibrate, approximate, plan."""

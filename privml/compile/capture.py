@@ -1,0 +1,48 @@
+"""Capture a model as a torch.fx graph so functional calls inside ``forward`` are visible."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from privml.errors import UnsupportedModule
+
+
+def capture(model: torch.nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model``; data-dependent Python control flow becomes a clear privml error."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... depending on the construct
+        from privml.compile.validate import Problem
+
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problem = Problem(
+            name="<forward>",
+            kind="control_flow",
+            message=f"the model's forward cannot be traced ({text}). Python control flow or data access that "
+            "depends on the input's values (if/while on a tensor, .item(), .tolist()) would reveal private data "
+            "and cannot run on encrypted inputs.",
+            fix="make the control flow independent of the data (e.g. torch.where-free arithmetic), or move the "
+            "data-dependent part to the client after decryption.",
+        )
+        raise UnsupportedModule(f"privml: cannot capture {type(model).__name__}:\n  {problem}", [problem]) from None
+
+
+def node_module_name(node: fx.Node) -> str:
+    """The qualified name of the module a graph node belongs to ('' for the top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        return list(stack.keys())[-1] if isinstance(stack, dict) else str(stack[-1])
+    return ""
+
+
+def node_label(node: fx.Node) -> str:
+    """A readable identifier for a node: the module's qualified name, or module/function for functional calls."""
+    name = node_module_name(node)
+    if node.op == "call_module":
+        return name
+    return f"{name}:{node.name}" if name else node.name

@@ -1,0 +1,239 @@
+"""The plan: what ``privml.compile`` decided for each layer, serializable and printable.
+
+A plan is the contract between the compiler and the backends: per node, the op,
+its calibrated input range, the approximation chosen, the multiplicative depth it
+consumes and the running level; globally, backend parameters and security level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from privml.compile.calibrate import RangeStats
+from privml.compile.capture import node_label
+from privml.errors import MalformedInput
+
+PLAN_VERSION = 1
+
+_LINEAR_TYPES = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_FREE_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_FREE_FUNCS = {F.dropout, operator.getitem, getattr}
+_FREE_METHODS = {"flatten", "view", "reshape", "size", "dim", "contiguous", "float"}
+
+
+@dataclass
+class LayerPlan:
+    """One graph node's entry in the plan."""
+
+    name: str
+    node: str
+    op: str
+    kind: str
+    out_shape: tuple[int, ...] = ()
+    in_range: tuple[float, float] | None = None
+    out_range: tuple[float, float] | None = None
+    approx: str = "exact"
+    degree: int | None = None
+    coeffs: list[float] | None = None
+    depth: int | None = 0
+    level: int | None = 0
+    est_error: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerPlan:
+        d = dict(d)
+        for key in ("out_shape", "in_range", "out_range"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass
+class Plan:
+    """Everything compile decided; ``print(plan)`` shows the per-layer table."""
+
+    backend: str
+    input_shape: tuple[int, ...]
+    layers: list[LayerPlan] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    fixes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def total_depth(self) -> int | None:
+        """Multiplicative depth of the whole model (None while a non-polynomial op remains exact)."""
+        levels = [lp.level for lp in self.layers]
+        if any(lv is None for lv in levels):
+            return None
+        return max(levels, default=0)
+
+    @property
+    def security_bits(self) -> int | None:
+        return self.params.get("security_bits")
+
+    def layer(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name or lp.node == name:
+                return lp
+        raise KeyError(f"no layer named {name!r} in the plan")
+
+    # ---- serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_depth"] = self.total_depth
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
+            got = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise MalformedInput(f"privml: not a plan of version {PLAN_VERSION} (got {got})")
+        d = dict(d)
+        d.pop("total_depth", None)
+        d["input_shape"] = tuple(d["input_shape"])
+        d["layers"] = [LayerPlan.from_dict(x) for x in d["layers"]]
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise MalformedInput(f"privml: cannot read plan JSON: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_json(Path(path).read_text())
+
+    # ---- display ------------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        def rng(r: tuple[float, float] | None) -> str:
+            return "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
+
+        def opt(v: object) -> str:
+            return "-" if v is None else str(v)
+
+        header = ("layer", "op", "out shape", "input range", "approximation", "deg", "depth", "level", "est.err")
+        rows = [header]
+        for lp in self.layers:
+            rows.append((lp.name, lp.op, "x".join(map(str, lp.out_shape)) or "-", rng(lp.in_range), lp.approx,
+                         opt(lp.degree), opt(lp.depth), opt(lp.level), f"{lp.est_error:.1e}" if lp.est_error else "-"))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        lines = [f"privml plan: backend={self.backend}, input={list(self.input_shape)}, "
+                 f"total depth={opt(self.total_depth)}"]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if self.params:
+            lines.append("params: " + ", ".join(f"{k}={v}" for k, v in self.params.items()))
+        if self.fixes:
+            lines.append("fixes: " + "; ".join(self.fixes))
+        if self.predicted:
+            lines.append("predicted: " + ", ".join(f"{k}={v:.4g}" for k, v in self.predicted.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def describe_module(mod: nn.Module) -> str:
+    """Short op description for the plan table."""
+    if isinstance(mod, nn.Conv2d):
+        return (f"Conv2d({mod.in_channels}->{mod.out_channels}, k={mod.kernel_size[0]}, s={mod.stride[0]}, "
+                f"p={mod.padding[0] if isinstance(mod.padding, tuple) else mod.padding})")
+    if isinstance(mod, nn.Linear):
+        return f"Linear({mod.in_features}->{mod.out_features})"
+    return type(mod).__name__
+
+
+def _node_cost(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, int | None]:
+    """(op description, kind, CKKS depth consumed or None when not computable as a polynomial yet)."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        desc = describe_module(mod)
+        degree = getattr(mod, "degree", None)
+        if degree is not None:  # privml.nn polynomial activation
+            return desc, "activation", max(1, math.ceil(math.log2(degree + 1)))
+        if isinstance(mod, _LINEAR_TYPES):
+            return desc, "linear", 1
+        if isinstance(mod, _FREE_TYPES):
+            return desc, "reshape", 0
+        if isinstance(mod, nn.Softmax):
+            return desc, "output", 0
+        return desc, "activation", None
+    if node.op == "call_function":
+        fn = node.target
+        name = getattr(fn, "__name__", str(fn))
+        if fn in (operator.add, operator.sub, operator.neg) or name in ("add", "sub", "neg", "cat"):
+            return name, "add", 0
+        if fn in (operator.mul, operator.matmul, operator.truediv) or name in ("mul", "matmul", "square"):
+            return name, "mul", 1
+        if fn in _FREE_FUNCS or name in ("flatten", "reshape"):
+            return name, "reshape", 0
+        if name in ("linear", "conv2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "sum", "mean"):
+            return name, "linear", 1
+        if name == "softmax":
+            return name, "output", 0
+        return name, "activation", None
+    if node.op == "call_method":
+        if node.target in _FREE_METHODS:
+            return str(node.target), "reshape", 0
+        if node.target in ("sum", "mean", "mul", "pow", "square"):
+            return str(node.target), "linear" if node.target in ("sum", "mean") else "mul", 1
+        if node.target in ("add", "sub"):
+            return str(node.target), "add", 0
+        return str(node.target), "activation", None
+    return node.op, node.op, 0
+
+
+def build_plan(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, input_shape: tuple[int, ...],
+               fixes: list[str] | None = None, options: dict[str, Any] | None = None) -> Plan:
+    """A plan with one row per computing node: ranges from calibration, depth per CKKS counting."""
+    modules = dict(gm.named_modules())
+    plan = Plan(backend=backend, input_shape=tuple(input_shape), fixes=list(fixes or []), options=dict(options or {}))
+    level: dict[str, int | None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            level[node.name] = 0
+            continue
+        if node.op in ("output", "get_attr"):
+            continue
+        inputs = [a for a in node.all_input_nodes]
+        in_levels = [level.get(a.name, 0) for a in inputs]
+        desc, kind, cost = _node_cost(node, modules)
+        if any(lv is None for lv in in_levels) or cost is None:
+            lv = None
+        else:
+            lv = max(in_levels, default=0) + cost
+        level[node.name] = lv
+        if kind == "reshape" and node.op != "call_module":
+            continue  # shape bookkeeping, not worth a row
+        src = stats.get(inputs[0].name) if inputs else None
+        out = stats.get(node.name)
+        plan.layers.append(LayerPlan(
+            name=node_label(node), node=node.name, op=desc, kind=kind,
+            out_shape=out.shape if out else (),
+            in_range=(src.lo, src.hi) if src else None,
+            out_range=(out.lo, out.hi) if out else None,
+            depth=cost, level=lv,
+        ))
+    return plan

@@ -1,0 +1,67 @@
+"""One error hierarchy for everything privml raises on purpose.
+
+Users catch ``PrivmlError``; each subclass names a kind of problem so callers
+(and tests) can react to it without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class PrivmlError(Exception):
+    """Base class of every error privml raises deliberately."""
+
+
+class InvalidInput(PrivmlError, ValueError):
+    """Input data is unusable: wrong shape, non-float dtype, NaN/inf values."""
+
+
+class UnsupportedOperation(PrivmlError, NotImplementedError):
+    """A private tensor met an op its backend has no implementation for."""
+
+
+class UnsupportedModule(PrivmlError):
+    """A model cannot be compiled as it is; ``problems`` lists every issue found.
+
+    Each problem is a :class:`privml.compile.validate.Problem` with the module's
+    qualified name and, where one exists, a fix.
+    """
+
+    def __init__(self, message: str, problems: list | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class CalibrationError(PrivmlError, ValueError):
+    """Calibration data is empty, of the wrong shape, or gives degenerate ranges."""
+
+
+class BudgetError(PrivmlError):
+    """The requested error/depth/accuracy budget cannot be met."""
+
+
+class DepthExhausted(BudgetError):
+    """A computation needs more multiplicative depth than the parameters allow."""
+
+
+class RangeViolation(PrivmlError):
+    """A value left the interval an approximation or encoder was calibrated for."""
+
+
+class KeyMaterialError(PrivmlError):
+    """Keys are missing, wrong for the data, or a secret key is where it must not be."""
+
+
+class AttestationError(PrivmlError):
+    """An enclave's attestation could not be verified."""
+
+
+class PartyFailure(PrivmlError):
+    """An MPC party died, stopped answering, or disagreed about the computation."""
+
+
+class MalformedInput(PrivmlError, ValueError):
+    """Serialized bytes are truncated, tampered with, or of an unknown version."""
+
+
+class BackendUnavailable(PrivmlError, ImportError):
+    """An optional backend library is not installed; the message says how to install it."""
