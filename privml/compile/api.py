@@ -10,7 +10,7 @@ import torch.nn as nn
 from privml.compile.calibrate import as_batches, calibrate
 from privml.compile.plan import Plan, build_plan
 from privml.compile.validate import BACKENDS, fix, raise_if_errors, validate
-from privml.errors import InvalidInput, PrivmlError
+from privml.errors import CalibrationError, InvalidInput, PrivmlError
 from privml.tensor import PrivateTensor, module_scope
 
 
@@ -48,6 +48,21 @@ class CompiledModel(nn.Module):
             return self.module(x)
 
 
+def _probe(model: nn.Module, sample: torch.Tensor) -> None:
+    """Run the model once in clear so shape mistakes surface as calibration errors, not deep torch tracebacks."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(sample)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        first = str(err).splitlines()[0]
+        raise CalibrationError(f"privml: the model cannot run on calibration samples of shape "
+                               f"{tuple(sample.shape[1:])}: {first}. Pass inputs shaped like the model expects "
+                               "(batch first).") from None
+    finally:
+        model.train(was_training)
+
+
 def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, replace_maxpool: bool = False,
             **options: Any) -> CompiledModel:
     """Turn ``model`` into a module the ``backend`` can run privately, with a ``.plan`` saying what was done.
@@ -64,6 +79,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, 
     problems = validate(model, backend)
     fixable_ok = [p for p in problems if not (p.kind == "maxpool" and replace_maxpool)]
     raise_if_errors(fixable_ok, model)
+    _probe(model, batches[0][:2])
     gm, applied = fix(model, batches[0][:64], replace_maxpool=replace_maxpool)
     raise_if_errors(validate(gm, backend), model)
     stats = calibrate(gm, batches, input_shape)

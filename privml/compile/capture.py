@@ -18,15 +18,27 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
         from privml.compile.validate import Problem
 
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        problem = Problem(
-            name="<forward>",
-            kind="control_flow",
-            message=f"the model's forward cannot be traced ({text}). Python control flow or data access that "
-            "depends on the input's values (if/while on a tensor, .item(), .tolist()) would reveal private data "
-            "and cannot run on encrypted inputs.",
-            fix="make the control flow independent of the data (e.g. torch.where-free arithmetic), or move the "
-            "data-dependent part to the client after decryption.",
-        )
+        if "item assignment" in text:
+            problem = Problem(
+                name="<forward>", kind="inplace",
+                message=f"forward writes into a tensor in place ({text}); private tensors are immutable.",
+                fix="build a new tensor instead (e.g. multiply by a 0/1 mask or use torch.cat).",
+            )
+        elif "control flow" in text or "iteration" in text or "bool" in text:
+            problem = Problem(
+                name="<forward>", kind="control_flow",
+                message=f"the model's forward branches on tensor values ({text}). Python control flow that "
+                "depends on the input's values would reveal private data and cannot run on encrypted inputs.",
+                fix="make the control flow independent of the data, or move that part to the client after "
+                "decryption.",
+            )
+        else:
+            problem = Problem(
+                name="<forward>", kind="untraceable",
+                message=f"the model's forward cannot be captured as a graph ({text}).",
+                fix="avoid reading tensor values (.item(), .tolist()) or calling non-torch code on tensors "
+                "inside forward.",
+            )
         raise UnsupportedModule(f"privml: cannot capture {type(model).__name__}:\n  {problem}", [problem]) from None
 
 

@@ -210,6 +210,14 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     return folded
 
 
+def avg_pool_like_max(input: torch.Tensor, kernel_size: object, stride: object = None, padding: object = 0,
+                      dilation: object = 1, ceil_mode: bool = False, return_indices: bool = False) -> torch.Tensor:
+    """``F.avg_pool2d`` with ``F.max_pool2d``'s signature (what the MaxPool -> AvgPool fix substitutes)."""
+    if dilation not in (1, (1, 1)) or return_indices:
+        raise PrivmlError("privml: cannot replace a dilated max_pool2d or one returning indices with avg_pool2d")
+    return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode=ceil_mode)
+
+
 def fix(model: nn.Module, example_input: torch.Tensor | None = None, replace_maxpool: bool = False,
         atol: float = 1e-4) -> tuple[fx.GraphModule, list[str]]:
     """A fixed copy of ``model`` (as a GraphModule) and the list of fixes applied.
@@ -248,7 +256,7 @@ def fix(model: nn.Module, example_input: torch.Tensor | None = None, replace_max
                               "function; check accuracy (fine-tune if needed).", stacklevel=2)
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is F.max_pool2d:
-                node.target = F.avg_pool2d
+                node.target = avg_pool_like_max
                 applied.append(f"{node.name}: max_pool2d -> avg_pool2d")
         gm.recompile()
     return gm, applied

@@ -110,10 +110,13 @@ def op_name(func: Any) -> str:
         return f"aten.{func.__name__}"
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     mod = getattr(func, "__module__", None)
+    if "<locals>" in qual:
+        qual = getattr(func, "__name__", qual)
     if qual.startswith("_VariableFunctionsClass."):
         return "torch." + qual.split(".", 1)[1]
     if qual.startswith("TensorBase.") or qual.startswith("_TensorBase."):
         qual = "Tensor." + qual.split(".", 1)[1]
+    mod = {"torch._C._nn": "torch.nn.functional", "torch._C._VariableFunctions": "torch"}.get(mod, mod)
     if mod and not qual.startswith("Tensor."):
         return f"{mod}.{qual}"
     return f"torch.{qual}" if qual.startswith("Tensor.") else qual
@@ -139,9 +142,9 @@ def unsupported(cls: type, func: Any, args: tuple, kwargs: dict | None, why: str
     if where is not None:
         msg += f" in module '{where}'"
     msg += "."
-    hint = why or _HINTS.get(short, "")
-    if hint:
-        msg += " " + hint
+    for extra in (why, _HINTS.get(short, "")):
+        if extra:
+            msg += " " + extra
     return UnsupportedOperation(msg)
 
 
