@@ -176,9 +176,17 @@ class PlainBackend:
     def decrypt(self, t: PlainTensor) -> torch.Tensor:
         return t.payload.detach().clone()
 
+    def trust_statement(self) -> list[str]:
+        """Who saw what: here, everyone sees everything."""
+        return [
+            "plain backend: NO encryption. Inputs, weights and outputs are visible to whoever runs the model; "
+            f"this is the reference simulation used to predict encrypted accuracy (simulation: {self.simulation.mode})."
+        ]
+
 
 def make_backend(plan: object = None, simulation: Simulation | str | None = None, **_: object) -> PlainBackend:
     """Backend factory used by ``privml.Session`` (``simulation`` may be a mode name)."""
     if isinstance(simulation, str):
         simulation = Simulation(simulation)
     return PlainBackend(simulation)
+

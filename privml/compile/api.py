@@ -43,7 +43,8 @@ class CompiledModel(nn.Module):
                 raise InvalidInput(f"privml: got a {type(x).__name__} ({type(x).backend_name} backend) but this model "
                                    f"was compiled for the {self.plan.backend!r} backend")
             with module_scope(self.module):
-                return self.module(x)
+                out = self.module(x)
+            return out.finalize() if isinstance(out, PrivateTensor) else out
         with torch.no_grad():
             return self.module(x)
 
@@ -83,5 +84,18 @@ def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, 
     gm, applied = fix(model, batches[0][:64], replace_maxpool=replace_maxpool)
     raise_if_errors(validate(gm, backend), model)
     stats = calibrate(gm, batches, input_shape)
+    if backend in ("ckks", "hybrid"):
+        from privml.compile.approx import approximate_activations
+
+        applied += approximate_activations(gm, stats, degree=int(options.get("degree", 4)),
+                                           margin=float(options.get("margin", 0.1)))
+        stats = calibrate(gm, batches, input_shape)
     plan = build_plan(gm, stats, backend, input_shape, fixes=applied, options=dict(options))
+    if backend == "ckks":
+        from privml.compile.he_plan import plan_ckks
+
+        plan_ckks(gm, stats, plan, layout=options.get("layout", "latency"),
+                  precision_bits=int(options.get("precision_bits", 20)),
+                  poly_modulus_degree=options.get("poly_modulus_degree"), scale_bits=options.get("scale_bits"),
+                  coeff_mod_bit_sizes=options.get("coeff_mod_bit_sizes"))
     return CompiledModel(gm, plan)

@@ -8,12 +8,20 @@ import torch.fx as fx
 from privml.errors import UnsupportedModule
 
 
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps privml's own modules (polynomial activations) as single leaf nodes."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return type(m).__module__.startswith("privml.") or super().is_leaf_module(m, module_qualified_name)
+
+
 def capture(model: torch.nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; data-dependent Python control flow becomes a clear privml error."""
     if isinstance(model, fx.GraphModule):
         return model
     try:
-        return fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        return fx.GraphModule(model, graph, type(model).__name__)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... depending on the construct
         from privml.compile.validate import Problem
 

@@ -229,11 +229,17 @@ def build_plan(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, i
             continue  # shape bookkeeping, not worth a row
         src = stats.get(inputs[0].name) if inputs else None
         out = stats.get(node.name)
-        plan.layers.append(LayerPlan(
+        row = LayerPlan(
             name=node_label(node), node=node.name, op=desc, kind=kind,
             out_shape=out.shape if out else (),
             in_range=(src.lo, src.hi) if src else None,
             out_range=(out.lo, out.hi) if out else None,
             depth=cost, level=lv,
-        ))
+        )
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if hasattr(mod, "coefficient_list"):  # a privml.nn.PolyActivation
+            row.approx = f"{mod.source} ~ poly on [{mod.interval[0]:.3g}, {mod.interval[1]:.3g}]"
+            row.degree = mod.degree
+            row.coeffs = mod.coefficient_list()
+        plan.layers.append(row)
     return plan

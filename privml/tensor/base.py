@@ -185,6 +185,10 @@ class PrivateTensor(torch.Tensor):
         """Create a tensor of this class around ``payload`` (same as calling the class)."""
         return cls(payload, shape, dtype, **metadata)
 
+    def finalize(self) -> PrivateTensor:
+        """Complete any deferred work (e.g. a fused linear map not yet applied); called on model outputs."""
+        return self
+
     def metadata(self) -> dict[str, Any]:
         """The declared metadata fields as a dict (handy for building a result like this one)."""
         return {f: getattr(self, f) for f in self.metadata_fields}

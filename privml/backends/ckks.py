@@ -1,0 +1,604 @@
+"""The ``ckks`` backend: unmodified models on CKKS ciphertexts (TenSEAL's raw SEAL underneath).
+
+``CKKSTensor`` only routes; the maths lives in ``privml.he`` (parameters, guarded
+evaluation, baby-step giant-step matrix products, minimal-depth polynomials).
+
+Every linear op (``F.linear``, ``F.conv2d`` at any stride/padding, pooling,
+folded or unfolded BatchNorm, flatten/reshape, sums, means, plain additions and
+scalings) is turned into an affine map on the per-sample flattened vector by
+evaluating it on the identity basis. Consecutive linear ops are *fused*: the
+tensor keeps a ``pending`` affine map and only materializes it (one level, one
+diagonal product) when a non-linear op needs the value. So ``conv -> avgpool``
+or ``avgpool -> flatten -> linear`` cost one level, not two or three.
+
+Two layouts share the same routing:
+
+* ``latency``: one ciphertext per sample, the flattened sample in slots [0, n);
+  a linear map is one ``DiagonalMatVec`` (rotations ~ 2 sqrt(#diagonals)).
+* ``throughput``: one ciphertext per feature, the batch across slots (up to N/2
+  samples); a linear map is scalar multiply-adds with no rotation at all.
+
+A ``DryRuntime`` runs the same routing without keys or ciphertexts: compile uses
+it to count the exact depth, the rotation steps (Galois keys) and the slots the
+model needs before any key exists.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_map
+
+from privml.errors import InvalidInput, MalformedInput, PrivmlError
+from privml.tensor import PrivateTensor, current_module, ops
+from privml.tensor.base import op_name, unsupported
+
+LAYOUTS = ("latency", "throughput")
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------------- affine maps
+@dataclass
+class Affine:
+    """y = weight @ x + bias on the flattened sample; ``names`` says which ops were fused into it."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    key: tuple
+    names: tuple[str, ...]
+
+    def then(self, other: Affine) -> Affine:
+        """This map followed by ``other``."""
+        return Affine(other.weight @ self.weight, other.weight @ self.bias + other.bias, self.key + other.key,
+                      self.names + other.names)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return ("T", id(t), t._version, tuple(t.shape))
+
+
+def _arg_key(a: object) -> object:
+    if isinstance(a, torch.Tensor):
+        return _tensor_key(a)
+    if isinstance(a, (list, tuple)):
+        return tuple(_arg_key(x) for x in a)
+    return repr(a)
+
+
+def extract_affine(fn: Callable[[torch.Tensor], torch.Tensor], sample_shape: tuple[int, ...]
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """(W, b, output sample shape) of an affine per-sample function, from the identity basis."""
+    n = int(np.prod(sample_shape)) if sample_shape else 1
+    with torch.no_grad():
+        zero = fn(torch.zeros((1, *sample_shape), dtype=torch.float64))
+        basis = fn(torch.eye(n, dtype=torch.float64).reshape(n, *sample_shape))
+    if basis.shape[0] != n or zero.shape[0] != 1:
+        raise InvalidInput("privml: this op mixes samples of the batch; the CKKS backend needs ops that act on "
+                           "each sample independently (batch first).")
+    b = zero.reshape(-1).numpy().copy()
+    w = (basis.reshape(n, -1) - zero.reshape(1, -1)).T.numpy().copy()
+    w[np.abs(w) < 1e-300] = 0.0
+    return w, b, tuple(basis.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------- runtimes
+class Runtime:
+    """Executes payload-level ops for one context and layout; caches affine maps and encoded diagonals."""
+
+    def __init__(self, ctx: Any, layout: str) -> None:
+        if layout not in LAYOUTS:
+            raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
+        self.ctx = ctx
+        self.layout = layout
+        self._affine_cache: dict[tuple, tuple[np.ndarray, np.ndarray, tuple[int, ...]]] = {}
+        self._matvec_cache: dict[tuple, Any] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.ctx.slots
+
+    def affine_of(self, key: tuple, fn: Callable, sample_shape: tuple[int, ...]) -> tuple:
+        hit = self._affine_cache.get(key)
+        if hit is None:
+            hit = self._affine_cache[key] = extract_affine(fn, sample_shape)
+        return hit
+
+    # ---- client side
+    def encrypt(self, x: torch.Tensor) -> list:
+        flat = x.detach().double().reshape(x.shape[0], -1).numpy()
+        if self.layout == "latency":
+            if flat.shape[1] > self.slots:
+                raise InvalidInput(f"privml: a sample has {flat.shape[1]} values but a ciphertext holds {self.slots}")
+            return [self.ctx.encrypt(row) for row in flat]
+        if flat.shape[0] > self.slots:
+            raise InvalidInput(f"privml: batch of {flat.shape[0]} exceeds the {self.slots} slots of the throughput "
+                               "layout: split it into chunks")
+        return [self.ctx.encrypt(col) for col in flat.T]
+
+    def decrypt(self, payload: list, batch: int, numel: int) -> np.ndarray:
+        if self.layout == "latency":
+            return np.stack([self.ctx.decrypt(ct)[:numel] for ct in payload])
+        return np.stack([self.ctx.decrypt(ct)[:batch] for ct in payload], axis=1)
+
+    # ---- server side
+    def apply_affine(self, payload: list, affine: Affine) -> list:
+        from privml.he.kernels import DiagonalMatVec, dense_throughput
+
+        if self.layout == "throughput":
+            return dense_throughput(self.ctx, payload, affine.weight, affine.bias)
+        mv = self._matvec_cache.get(affine.key)
+        if mv is None:
+            mv = self._matvec_cache[affine.key] = DiagonalMatVec(affine.weight, affine.bias, self.slots)
+        return [mv.apply(self.ctx, ct) for ct in payload]
+
+    def poly(self, payload: list, coeffs: list[float]) -> list:
+        from privml.he.kernels import eval_poly
+
+        return [eval_poly(self.ctx, ct, coeffs) for ct in payload]
+
+    def mul(self, a: list, b: list) -> list:
+        return [self.ctx.mul(x, y) for x, y in zip(a, b, strict=True)]
+
+    def square(self, a: list) -> list:
+        return [self.ctx.square(x) for x in a]
+
+    def add(self, a: list, b: list, negate_b: bool = False) -> list:
+        op = self.ctx.sub if negate_b else self.ctx.add
+        return [op(x, y) for x, y in zip(a, b, strict=True)]
+
+    def levels_left(self, payload: list) -> int:
+        return min(self.ctx.level(ct) for ct in payload)
+
+
+class DryRuntime(Runtime):
+    """Same routing, no keys: the payload is the number of levels used so far (an int).
+
+    Records the total depth, the rotation steps the latency layout's diagonal products
+    need, the slots they need, and a log of which fused ops consumed which level.
+    """
+
+    def __init__(self, layout: str, slots: int = 1 << 14) -> None:
+        super().__init__(None, layout)
+        self._slots = slots
+        self.depth = 0
+        self.rotation_steps: set[int] = set()
+        self.min_slots = 1
+        self.log: list[tuple[str, str, int, int]] = []  # (names, op, levels consumed, depth after)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def _note(self, names: str, op: str, cost: int, after: int) -> int:
+        self.depth = max(self.depth, after)
+        self.log.append((names, op, cost, after))
+        return after
+
+    def encrypt(self, x: torch.Tensor) -> int:
+        self.min_slots = max(self.min_slots, int(np.prod(x.shape[1:])) if self.layout == "latency" else x.shape[0])
+        return 0
+
+    def apply_affine(self, payload: int, affine: Affine) -> int:
+        from privml.he.kernels import DiagonalMatVec
+
+        m, n = affine.weight.shape
+        if self.layout == "latency":
+            self.min_slots = max(self.min_slots, n + m)
+            mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
+            self.rotation_steps |= mv.rotation_steps()
+        return self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, payload + 1)
+
+    def poly(self, payload: int, coeffs: list[float]) -> int:
+        from privml.he.kernels import poly_depth
+
+        degree = max((i for i, c in enumerate(coeffs) if c != 0.0), default=0)
+        cost = poly_depth(degree)
+        return self._note(current_module() or "", f"poly(deg {degree})", cost, payload + cost)
+
+    def mul(self, a: int, b: int) -> int:
+        return self._note(current_module() or "", "mul", 1, max(a, b) + 1)
+
+    def square(self, a: int) -> int:
+        return self._note(current_module() or "", "square", 1, a + 1)
+
+    def add(self, a: int, b: int, negate_b: bool = False) -> int:
+        return max(a, b)
+
+    def levels_left(self, payload: int) -> int:
+        return 10**6
+
+
+# --------------------------------------------------------------------------------------------- the tensor
+class CKKSTensor(PrivateTensor):
+    """A batch of CKKS-encrypted samples; ``pending`` is a fused affine map not yet applied."""
+
+    backend_name = "ckks"
+    metadata_fields = ("runtime", "pending")
+
+    @property
+    def layout(self) -> str:
+        return self.runtime.layout
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        pending = "none" if self.pending is None else "+".join(dict.fromkeys(self.pending.names))
+        return f"CKKSTensor(shape={list(self.shape)}, layout={self.runtime.layout}, pending={pending})"
+
+    def materialized(self) -> CKKSTensor:
+        """The same value with any pending affine map applied (one level)."""
+        if self.pending is None:
+            return self
+        payload = self.runtime.apply_affine(self.payload, self.pending)
+        return CKKSTensor(payload, self.shape, self.dtype, runtime=self.runtime, pending=None)
+
+    def finalize(self) -> CKKSTensor:
+        return self.materialized()
+
+    def with_payload(self, payload: Any, shape: tuple[int, ...] | None = None) -> CKKSTensor:
+        return CKKSTensor(payload, shape if shape is not None else self.shape, self.dtype, runtime=self.runtime,
+                          pending=None)
+
+
+def _private(args: tuple, kwargs: dict) -> list[CKKSTensor]:
+    found = [a for a in list(args) + list(kwargs.values()) if isinstance(a, CKKSTensor)]
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            found += [x for x in a if isinstance(x, CKKSTensor)]
+    return found
+
+
+def _check_plain_operands(x: CKKSTensor, func: object, args: tuple, kwargs: dict, elementwise: bool) -> None:
+    """Plain operands must be finite; in elementwise ops they must be the same for every sample."""
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor) and not isinstance(a, PrivateTensor):
+            if elementwise and a.dim() >= x.dim() and a.shape[0] != 1:
+                raise unsupported(CKKSTensor, func, args, kwargs, "a plain operand that differs across the batch "
+                                  "cannot be fused into the encrypted linear map; use the same operand for all "
+                                  "samples (batch dimension 1).")
+            if not torch.isfinite(a).all():
+                raise InvalidInput(f"privml: a plain operand of {op_name(func)} contains NaN or inf")
+
+
+_ELEMENTWISE = {id(f) for f in ops.ADD + ops.SUB + ops.MUL + ops.DIV}
+
+
+def _affine(func: object) -> Callable:
+    """Handler for an op that is affine in its single private operand: fuse it into ``pending``."""
+
+    def handler(*args: object, **kwargs: object) -> CKKSTensor:
+        privates = _private(args, kwargs)
+        if len(privates) != 1:
+            raise unsupported(CKKSTensor, func, args, kwargs, "expected exactly one encrypted operand here.")
+        x = privates[0]
+        _check_plain_operands(x, func, args, kwargs, id(func) in _ELEMENTWISE)
+        kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+        target = _OUT_OF_PLACE.get(func, func)
+
+        def per_sample(z: torch.Tensor) -> torch.Tensor:
+            def swap(a: object) -> object:
+                if a is x:
+                    return z
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    return a.detach().double()
+                return a
+
+            with torch._C.DisableTorchFunctionSubclass():
+                return target(*tree_map(swap, args), **tree_map(swap, kwargs))
+
+        sample_shape = tuple(x.shape[1:])
+        key = (op_name(func), _arg_key(args), _arg_key(kwargs), sample_shape)
+        w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape)
+        step = Affine(w, b, (key,), (current_module() or op_name(func),))
+        pending = step if x.pending is None else x.pending.then(step)
+        return CKKSTensor(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
+
+    return handler
+
+
+def _reshape_like(func: object) -> Callable:
+    """flatten/reshape/view: only the logical shape changes (row-major flat layout is kept); batch stays first."""
+
+    def handler(x: CKKSTensor, *args: object, **kwargs: object) -> CKKSTensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            probe = func(torch.empty(x.shape, device="meta"), *args, **kwargs)
+        if probe.shape[0] != x.shape[0] or probe.numel() != x.numel():
+            raise unsupported(CKKSTensor, func, (x, *args), kwargs, "reshapes must keep the batch dimension first.")
+        return CKKSTensor(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending)
+
+    return handler
+
+
+_OUT_OF_PLACE = {
+    torch.Tensor.add_: torch.add, torch.Tensor.__iadd__: torch.add, torch.Tensor.sub_: torch.sub,
+    torch.Tensor.__isub__: torch.sub, torch.Tensor.mul_: torch.mul, torch.Tensor.__imul__: torch.mul,
+    torch.Tensor.div_: torch.div, torch.Tensor.__itruediv__: torch.div,
+}
+
+for _group in (ops.LINEAR, ops.CONV2D, ops.AVG_POOL2D, ops.ADAPTIVE_AVG_POOL2D, ops.BATCH_NORM, ops.SUM, ops.MEAN,
+               ops.NEG):
+    for _f in _group:
+        CKKSTensor.implements(_f)(_affine(_f))
+for _f in ops.FLATTEN + ops.RESHAPE:
+    CKKSTensor.implements(_f)(_reshape_like(_f))
+
+
+@CKKSTensor.implements(ops.IDENTITY + ops.DROPOUT)
+def _identity(x: CKKSTensor, *args: object, **kwargs: object) -> CKKSTensor:
+    return x
+
+
+@CKKSTensor.implements_aten([aten.detach.default, aten.alias.default])
+def _aten_identity(x: CKKSTensor) -> CKKSTensor:
+    return x
+
+
+def _binary(func: object, combine: str) -> Callable:
+    """add/sub/mul: fused when one side is plain, ciphertext arithmetic when both are encrypted."""
+    affine = _affine(func)
+
+    def handler(*args: object, **kwargs: object) -> CKKSTensor:
+        privates = _private(args, kwargs)
+        if len(privates) < 2:
+            return affine(*args, **kwargs)
+        a, b = args[0], args[1]
+        if kwargs.get("alpha", 1) != 1:
+            raise unsupported(CKKSTensor, func, args, kwargs, "alpha != 1 with two encrypted operands.")
+        if a.shape != b.shape:
+            raise unsupported(CKKSTensor, func, args, kwargs, f"encrypted operands must have the same shape "
+                              f"(got {list(a.shape)} and {list(b.shape)}); broadcasting is not supported.")
+        if a.runtime is not b.runtime:
+            raise InvalidInput("privml: the two encrypted operands come from different sessions/contexts")
+        same = a is b
+        a = a.materialized()
+        b = a if same else b.materialized()
+        rt = a.runtime
+        if combine == "mul":
+            payload = rt.square(a.payload) if same else rt.mul(a.payload, b.payload)
+        else:
+            payload = rt.add(a.payload, b.payload, negate_b=combine == "sub")
+        return a.with_payload(payload)
+
+    return handler
+
+
+for _f in ops.ADD:
+    CKKSTensor.implements(_f)(_binary(_f, "add"))
+for _f in ops.SUB:
+    CKKSTensor.implements(_f)(_binary(_f, "sub"))
+for _f in ops.MUL:
+    CKKSTensor.implements(_f)(_binary(_f, "mul"))
+
+
+@CKKSTensor.implements(ops.DIV)
+def _div(a: object, b: object, **kwargs: object) -> CKKSTensor:
+    if isinstance(b, PrivateTensor):
+        raise unsupported(CKKSTensor, torch.div, (a, b), kwargs, "CKKS cannot divide by an encrypted value.")
+    if kwargs.get("rounding_mode") is not None:
+        raise unsupported(CKKSTensor, torch.div, (a, b), kwargs, "rounding division is not polynomial.")
+    return _affine(torch.div)(a, b)
+
+
+@CKKSTensor.implements(ops.MATMUL)
+def _matmul(a: object, b: object) -> CKKSTensor:
+    if isinstance(b, PrivateTensor) or not isinstance(a, CKKSTensor):
+        raise unsupported(CKKSTensor, torch.matmul, (a, b), {}, "only (encrypted batch) @ (plain matrix) is "
+                          "supported: the batch must stay the first dimension.")
+    return _affine(torch.matmul)(a, b)
+
+
+@CKKSTensor.implements(ops.SQUARE)
+def _square(x: CKKSTensor) -> CKKSTensor:
+    x = x.materialized()
+    return x.with_payload(x.runtime.square(x.payload))
+
+
+@CKKSTensor.implements(ops.POW)
+def _pow(x: CKKSTensor, exponent: object) -> CKKSTensor:
+    if not isinstance(exponent, int) or exponent < 1:
+        raise unsupported(CKKSTensor, torch.pow, (x, exponent), {}, "only positive integer powers are polynomial.")
+    if exponent == 1:
+        return x
+    if exponent == 2:
+        return _square(x)
+    return _polyval(x, [0.0] * exponent + [1.0])
+
+
+@CKKSTensor.implements(ops.POLYVAL)
+def _polyval(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None = None) -> CKKSTensor:
+    """Polynomial activation. With a ``domain``, the x -> t map is fused into a pending linear map (free);
+    without a pending map it is folded into the coefficients instead (no extra level either)."""
+    from privml.functional import coeffs_in_x, to_unit_interval
+
+    c = [float(v) for v in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs)]
+    if not np.all(np.isfinite(c)):
+        raise InvalidInput("privml: polynomial coefficients contain NaN or inf")
+    if domain is not None and x.pending is not None:
+        alpha, beta = to_unit_interval(domain)
+        x = _affine(torch.add)(_affine(torch.mul)(x, alpha), beta)
+    elif domain is not None:
+        c = coeffs_in_x(c, domain).tolist()
+    x = x.materialized()
+    return x.with_payload(x.runtime.poly(x.payload, c))
+
+
+_ACTIVATION_HINT = ("CKKS evaluates only polynomials: compile the model with privml.compile(..., backend='ckks'), "
+                    "which replaces each activation by a polynomial fitted on its calibrated range.")
+for _name, _group in ops.ACTIVATIONS.items():
+    for _f in _group:
+        def _refuse(*args: object, _f: object = _f, **kwargs: object) -> None:
+            raise unsupported(CKKSTensor, _f, args, kwargs, _ACTIVATION_HINT)
+
+        CKKSTensor.implements(_f)(_refuse)
+
+
+@CKKSTensor.implements(ops.SOFTMAX)
+def _softmax(*args: object, **kwargs: object) -> None:
+    raise unsupported(CKKSTensor, torch.softmax, args, kwargs, "softmax is left to the client: return logits and "
+                      "apply softmax/argmax after decryption.")
+
+
+@CKKSTensor.implements(ops.MAX_POOL2D)
+def _maxpool(*args: object, **kwargs: object) -> None:
+    raise unsupported(CKKSTensor, torch.nn.functional.max_pool2d, args, kwargs, "max pooling needs comparisons: "
+                      "compile with replace_maxpool=True (AvgPool2d) or use the MPC backend.")
+
+
+# --------------------------------------------------------------------------------------------- serialization
+_TENSOR_MAGIC = b"PRIVMLCT"
+_TENSOR_VERSION = 1
+
+
+def dumps(t: CKKSTensor) -> bytes:
+    """Serialize an encrypted tensor: a small versioned header (shape, layout) plus its ciphertexts."""
+    from privml.he.serialize import dump_ciphertexts
+
+    t = t.materialized()
+    header = json.dumps({"shape": list(t.shape), "layout": t.layout}).encode()
+    body = dump_ciphertexts(t.runtime.ctx, list(t.payload))
+    return _TENSOR_MAGIC + struct.pack("<HI", _TENSOR_VERSION, len(header)) + header + body
+
+
+def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
+    """Inverse of ``dumps`` under ``runtime``'s context; foreign or tampered bytes raise privml errors."""
+    from privml.he.serialize import load_ciphertexts
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedInput(f"privml: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < 14 or data[:8] != _TENSOR_MAGIC:
+        raise MalformedInput("privml: not a privml encrypted tensor (bad magic)")
+    version, hlen = struct.unpack("<HI", data[8:14])
+    if version != _TENSOR_VERSION:
+        raise MalformedInput(f"privml: encrypted tensor format version {version}, expected {_TENSOR_VERSION}")
+    if hlen > 4096 or 14 + hlen > len(data):
+        raise MalformedInput("privml: truncated or corrupt encrypted tensor header")
+    try:
+        header = json.loads(data[14:14 + hlen])
+        shape = tuple(int(s) for s in header["shape"])
+        layout = str(header["layout"])
+    except (ValueError, KeyError, TypeError):
+        raise MalformedInput("privml: corrupt encrypted tensor header") from None
+    if layout != runtime.layout or len(shape) < 1 or any(s < 1 for s in shape):
+        raise MalformedInput(f"privml: tensor layout/shape {layout}/{shape} does not fit this session "
+                             f"({runtime.layout})")
+    cts = load_ciphertexts(runtime.ctx, data[14 + hlen:])
+    expected = shape[0] if layout == "latency" else int(np.prod(shape[1:]))
+    if len(cts) != expected:
+        raise MalformedInput(f"privml: header promises {expected} ciphertexts, got {len(cts)}")
+    return CKKSTensor(cts, shape, torch.float32, runtime=runtime, pending=None)
+
+
+# --------------------------------------------------------------------------------------------- backend objects
+def _params_of(plan: Any) -> tuple[Any, list[int], str]:
+    from privml.he.params import CKKSParams
+
+    ck = plan.params.get("ckks")
+    if not ck:
+        raise PrivmlError("privml: this plan has no CKKS parameters; compile the model with backend='ckks'")
+    return CKKSParams.from_dict(ck), list(plan.params.get("rotation_steps", [])), plan.params.get("layout", "latency")
+
+
+class CKKSBackend:
+    """Client side: owns the secret key; encrypts, decrypts, exports the public evaluation context."""
+
+    name = "ckks"
+
+    def __init__(self, plan: Any) -> None:
+        from privml.he.context import CKKSContext
+
+        params, steps, layout = _params_of(plan)
+        self.plan = plan
+        self.ctx = CKKSContext.generate(params, steps)
+        self.runtime = Runtime(self.ctx, layout)
+
+    def encrypt(self, x: torch.Tensor) -> CKKSTensor:
+        return CKKSTensor(self.runtime.encrypt(x), tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
+
+    def decrypt(self, t: CKKSTensor) -> torch.Tensor:
+        t = t.materialized()
+        values = self.runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
+        return torch.from_numpy(values).float().reshape(t.shape)
+
+    def levels_used(self, t: CKKSTensor) -> int:
+        """Levels a (materialized) result consumed since encryption."""
+        return self.ctx.max_level - self.runtime.levels_left(t.materialized().payload)
+
+    # ---- client/server split
+    def public_context(self) -> bytes:
+        """The evaluation context a server needs: public, relinearization and the plan's Galois keys only."""
+        from privml.he.serialize import dump_context
+
+        return dump_context(self.ctx, include_secret=False)
+
+    def dumps(self, t: CKKSTensor) -> bytes:
+        return dumps(t)
+
+    def loads(self, data: bytes) -> CKKSTensor:
+        return loads(data, self.runtime)
+
+    def costs(self) -> dict[str, Any]:
+        p = self.ctx.params
+        return {"ring dimension N": p.poly_modulus_degree, "modulus chain (bits)": list(p.coeff_mod_bit_sizes),
+                "scale bits": p.scale_bits, "security": f"{p.security_bits}-bit (HE standard)",
+                "galois keys (rotation steps)": len(self.ctx.rotation_steps),
+                "public context bytes": len(self.public_context()), **{f"ops: {k}": v for k, v in
+                                                                      self.ctx.stats.items()}}
+
+    def trust_statement(self) -> list[str]:
+        return [
+            "client: holds the CKKS secret key; sees its inputs and the decrypted logits only.",
+            "server: holds the model weights in clear and a public evaluation context (no secret key); sees only "
+            "ciphertexts, their shapes and the layout.",
+            "leakage: input/output shapes, the model architecture (server side) and timing. CKKS decryptions are "
+            "returned only to the client (IND-CPA-D: do not show decrypted values to the server).",
+        ]
+
+
+class CKKSServer:
+    """Server side: evaluates a compiled model on ciphertexts with a public context (no secret key)."""
+
+    def __init__(self, plan: Any, public_context: bytes) -> None:
+        from privml.he.serialize import load_context
+
+        params, _, layout = _params_of(plan)
+        self.ctx = load_context(public_context)
+        if self.ctx.params != params:
+            raise InvalidInput("privml: the public context's parameters differ from the plan's")
+        if self.ctx.has_secret_key:
+            from privml.errors import KeyMaterialError
+
+            raise KeyMaterialError("privml: the context given to the server contains a secret key; send "
+                                   "session.public_context() instead")
+        self.runtime = Runtime(self.ctx, layout)
+
+    def run(self, model: torch.nn.Module, request: bytes) -> bytes:
+        """Decode ciphertexts, run ``model`` on them, return the encrypted result as bytes."""
+        x = loads(request, self.runtime)
+        y = model(x)
+        if not isinstance(y, CKKSTensor):
+            raise PrivmlError("privml: the model did not return an encrypted tensor")
+        return dumps(y)
+
+
+def make_backend(plan: Any, **_: Any) -> CKKSBackend:
+    """Backend factory used by ``privml.Session``."""
+    return CKKSBackend(plan)
+
+
+def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1) -> DryRuntime:
+    """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs."""
+    rt = DryRuntime(layout)
+    x = CKKSTensor(rt.encrypt(torch.empty((batch, *input_shape))), (batch, *input_shape), torch.float32,
+                   runtime=rt, pending=None)
+    out = model(x)
+    if not isinstance(out, CKKSTensor):
+        raise PrivmlError("privml: the model's output is not an encrypted tensor")
+    out.finalize()
+    return rt
+
+

@@ -1,0 +1,124 @@
+"""Replace non-polynomial activations with ``PolyActivation`` modules fitted on calibrated intervals.
+
+Works on the captured graph, so both activation modules (``nn.ReLU``) and
+functional calls inside ``forward`` (``F.relu``) are replaced. The per-activation
+choice of degree is a parameter here; the budgeted choice lives in the planner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from privml.compile.calibrate import RangeStats
+from privml.compile.capture import node_label
+from privml.errors import CalibrationError
+from privml.nn import PolyActivation
+
+MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
+                      nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softplus: "softplus"}
+FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu",
+                        F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+                        F.tanh: "tanh", F.softplus: "softplus"}
+METHOD_ACTIVATIONS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+@dataclass
+class ActivationSite:
+    """One activation in the graph with its calibrated input interval."""
+
+    node: fx.Node
+    label: str
+    kind: str
+    params: dict
+    lo: float
+    hi: float
+
+
+def _kind_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, dict] | None:
+    if node.op == "call_module":
+        mod = modules[node.target]
+        for cls, name in MODULE_ACTIVATIONS.items():
+            if type(mod) is cls:
+                return name, ({"slope": float(mod.negative_slope)} if name == "leaky_relu" else {})
+        return None
+    if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
+        name = FUNCTION_ACTIVATIONS[node.target]
+        if name == "leaky_relu":
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            return name, {"slope": float(slope)}
+        return name, {}
+    if node.op == "call_method" and node.target in METHOD_ACTIVATIONS:
+        return METHOD_ACTIVATIONS[str(node.target)], {}
+    return None
+
+
+def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: float = 0.1) -> list[ActivationSite]:
+    """Every non-polynomial activation with its input interval widened by ``margin`` of its width."""
+    modules = dict(gm.named_modules())
+    sites = []
+    for node in gm.graph.nodes:
+        found = _kind_of(node, modules)
+        if found is None:
+            continue
+        src = node.args[0]
+        st = stats.get(src.name) if isinstance(src, fx.Node) else None
+        label = node_label(node)
+        if st is None:
+            raise CalibrationError(f"privml: no calibrated range for the input of activation '{label}'")
+        lo, hi = st.lo, st.hi
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise CalibrationError(f"privml: activation '{label}' has a non-finite calibrated range [{lo}, {hi}]")
+        width = hi - lo
+        if width <= 1e-9 * max(1.0, abs(hi)):
+            raise CalibrationError(f"privml: activation '{label}' saw a constant input ({lo:.4g}) on the "
+                                   "calibration data: the interval is degenerate. Calibrate with more varied data.")
+        sites.append(ActivationSite(node, label, found[0], found[1], lo - margin * width, hi + margin * width))
+    return sites
+
+
+def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Module) -> None:
+    """Put ``module`` in place of ``site`` (module swap, or a new submodule for a functional call)."""
+    node = site.node
+    if node.op == "call_module":
+        parent, _, attr = str(node.target).rpartition(".")
+        # a module object can be called at several sites (torchvision's ResNet reuses `relu`): give each its own
+        name = f"{attr}_poly_{node.name}" if _call_count(gm, node.target) > 1 else attr
+        setattr(gm.get_submodule(parent) if parent else gm, name, module)
+        node.target = f"{parent}.{name}" if parent else name
+    else:
+        name = f"privml_poly_{node.name}"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _call_count(gm: fx.GraphModule, target: object) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def approximate_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], degree: int = 4,
+                            margin: float = 0.1, method: str = "remez") -> list[str]:
+    """Replace every activation by a degree-``degree`` fit on its calibrated interval; returns what was done."""
+    from privml.compile.poly import fit_activation
+
+    done = []
+    for site in find_activations(gm, stats, margin):
+        poly = fit_activation(site.kind, site.lo, site.hi, degree, method=method, **site.params)
+        module = PolyActivation(poly.power_coeffs(), (site.lo, site.hi), source=site.kind)
+        replace_activation(gm, site, module)
+        err = poly.err if poly.err is not None else float("nan")
+        done.append(f"{site.label}: {site.kind} -> degree-{module.degree} polynomial on "
+                    f"[{site.lo:.3g}, {site.hi:.3g}] (max err {err:.3g})")
+    return done
+
+

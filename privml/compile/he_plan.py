@@ -1,0 +1,76 @@
+"""CKKS planning: exact depth, rotation steps and slots from a keyless dry run, then parameters.
+
+The dry run routes the (approximated) model through the CKKS backend's own op table
+with no ciphertexts, so the depth the plan states is the depth the backend consumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from privml.compile.calibrate import RangeStats
+from privml.compile.plan import Plan
+from privml.errors import DepthExhausted
+from privml.tensor import module_scope
+
+HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing the first prime
+
+
+def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layout: str = "latency",
+              precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
+              coeff_mod_bit_sizes: tuple[int, ...] | None = None) -> None:
+    """Fill ``plan.params`` (CKKS parameters, rotation steps, layout) and the per-layer levels."""
+    from privml.backends.ckks import dry_run
+    from privml.he.params import choose_params
+
+    with module_scope(gm):
+        rt = dry_run(gm, plan.input_shape, layout)
+    breakdown = [(names, cost) for names, _, cost, _ in rt.log]
+    max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
+    try:
+        params = choose_params(rt.depth, max_abs_value=max_abs, precision_bits=precision_bits,
+                               min_slots=rt.min_slots, poly_modulus_degree=poly_modulus_degree,
+                               scale_bits=scale_bits, coeff_mod_bit_sizes=coeff_mod_bit_sizes,
+                               depth_breakdown=breakdown)
+    except DepthExhausted as err:
+        raise DepthExhausted(f"privml: {err}") from None
+    plan.params.update({
+        "layout": layout,
+        "ckks": params.to_dict(),
+        "depth": rt.depth,
+        "security_bits": params.security_bits,
+        "poly_modulus_degree": params.poly_modulus_degree,
+        "rotation_steps": sorted(rt.rotation_steps),
+        "max_abs_value": max_abs,
+    })
+    _levels_into_layers(plan, rt.log)
+
+
+def _levels_into_layers(plan: Plan, log: list[tuple[str, str, int, int]]) -> None:
+    """Write the dry run's per-op levels into the plan rows (fused linear ops share one level)."""
+    by_name = {lp.name: lp for lp in plan.layers}
+    for lp in plan.layers:
+        lp.depth, lp.level = 0, None
+    for names, _op, cost, after in log:
+        parts = names.split("+")
+        for i, name in enumerate(parts):
+            lp = by_name.get(name)
+            if lp is None:
+                continue
+            last = i == len(parts) - 1
+            lp.depth = (lp.depth or 0) + (cost if last else 0)
+            lp.level = after
+            if not last:
+                lp.approx = f"fused into {parts[-1]}"
+    running = 0
+    for lp in plan.layers:
+        running = lp.level if lp.level is not None else running
+        lp.level = running
+
+
+def summarize(plan: Plan) -> dict[str, Any]:
+    """The CKKS numbers a report shows."""
+    p = plan.params
+    return {k: p[k] for k in ("layout", "depth", "poly_modulus_degree", "security_bits") if k in p}
