@@ -4,7 +4,7 @@ Public API: ``compile``, ``Session``, ``validate``, ``Plan``, ``errors``. Backen
 lazily: importing privml loads neither TenSEAL nor CrypTen.
 """
 
-from privml import errors
+from privml import errors, functional
 from privml.compile.api import CompiledModel
 from privml.compile.api import compile as compile  # noqa: PLW0622 - the public name is `privml.compile`
 from privml.compile.plan import Plan
@@ -12,4 +12,4 @@ from privml.compile.validate import Problem, fix, validate
 from privml.session import Session
 
 __version__ = "0.1.0"
-__all__ = ["compile", "Session", "CompiledModel", "Plan", "Problem", "validate", "fix", "errors", "__version__"]
+__all__ = ["compile", "Session", "CompiledModel", "Plan", "Problem", "validate", "fix", "errors", "functional", "__version__"]

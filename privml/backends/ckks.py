@@ -348,6 +348,8 @@ def _binary(func: object, combine: str) -> Callable:
         a, b = args[0], args[1]
         if kwargs.get("alpha", 1) != 1:
             raise unsupported(CKKSTensor, func, args, kwargs, "alpha != 1 with two encrypted operands.")
+        if combine != "mul" and a.payload is b.payload and a.shape[0] == b.shape[0]:
+            return _combine_same_base(a, b, -1.0 if combine == "sub" else 1.0)
         if a.shape != b.shape:
             raise unsupported(CKKSTensor, func, args, kwargs, f"encrypted operands must have the same shape "
                               f"(got {list(a.shape)} and {list(b.shape)}); broadcasting is not supported.")
@@ -364,6 +366,28 @@ def _binary(func: object, combine: str) -> Callable:
         return a.with_payload(payload)
 
     return handler
+
+
+def _as_affine(x: CKKSTensor) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+    """x's pending map as (W, b, key, names), the identity when nothing is pending."""
+    if x.pending is not None:
+        return x.pending.weight, x.pending.bias, x.pending.key, x.pending.names
+    n = int(np.prod(x.shape[1:]))
+    return np.eye(n), np.zeros(n), (), ()
+
+
+def _combine_same_base(a: CKKSTensor, b: CKKSTensor, sign: float) -> CKKSTensor:
+    """a + sign*b where both are affine maps of the SAME ciphertexts: no ciphertext work at all, with broadcasting
+    (e.g. a residual branch added to its own input, or x.sum(...) + x.mean(...))."""
+    wa, ba, ka, na = _as_affine(a)
+    wb, bb, kb, nb = _as_affine(b)
+    n = wa.shape[1]
+    sa, sb = tuple(a.shape[1:]), tuple(b.shape[1:])
+    out = torch.broadcast_shapes(sa, sb)
+    w = (np.broadcast_to(wa.reshape(*sa, n), (*out, n)) + sign * np.broadcast_to(wb.reshape(*sb, n), (*out, n)))
+    bias = np.broadcast_to(ba.reshape(sa), out) + sign * np.broadcast_to(bb.reshape(sb), out)
+    pending = Affine(w.reshape(-1, n).copy(), bias.reshape(-1).copy(), (("combine", sign, ka, kb),), na + nb)
+    return CKKSTensor(a.payload, (a.shape[0], *out), a.dtype, runtime=a.runtime, pending=pending)
 
 
 for _f in ops.ADD:

@@ -187,6 +187,11 @@ def _node_cost(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, 
             return name, "add", 0
         if fn in (operator.mul, operator.matmul, operator.truediv) or name in ("mul", "matmul", "square"):
             return name, "mul", 1
+        if name == "polyval" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+            degree = max((i for i, c in enumerate(node.args[1]) if c), default=0)
+            return f"polyval(deg {degree})", "activation", math.ceil(math.log2(degree + 1))
+        if name == "pow" and len(node.args) > 1 and isinstance(node.args[1], int) and node.args[1] >= 1:
+            return f"pow {node.args[1]}", "mul", math.ceil(math.log2(node.args[1] + 1)) if node.args[1] > 1 else 0
         if fn in _FREE_FUNCS or name in ("flatten", "reshape"):
             return name, "reshape", 0
         if name in ("linear", "conv2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "sum", "mean"):

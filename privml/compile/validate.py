@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from privml import functional as PF
 from privml.compile.capture import capture, node_label
 from privml.errors import PrivmlError, UnsupportedModule
 
@@ -37,7 +38,8 @@ SUPPORTED_FUNCTIONS = {
     torch.add, torch.sub, torch.mul, torch.neg, torch.matmul, torch.flatten, torch.reshape, torch.cat, torch.square,
     torch.sum, torch.mean, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
     F.linear, F.conv2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.relu, F.leaky_relu, F.gelu, F.silu,
-    F.sigmoid, F.tanh, F.softplus, F.softmax, F.dropout, F.batch_norm, getattr,
+    F.sigmoid, F.tanh, F.softplus, F.softmax, F.dropout, F.batch_norm, getattr, operator.pow, torch.pow,
+    PF.polyval,
 }
 SUPPORTED_METHODS = {
     "add", "sub", "mul", "neg", "matmul", "flatten", "view", "reshape", "size", "dim", "sum", "mean", "relu",

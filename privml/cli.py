@@ -1,0 +1,206 @@
+"""The ``privml`` command line: fit, validate, compile, eval and the built-in demo (the main job).
+
+    privml fit --config configs/digits_cnn.yaml                     # Lightning training
+    privml validate torchvision.models.resnet18 --init-args '{"num_classes": 10}' --input-shape 3,32,32
+    privml compile --config configs/digits_cnn.yaml --backend ckks --out plan.json
+    privml eval --config configs/digits_cnn.yaml --backend ckks --layout throughput --limit 200
+    privml demo                                                     # train digits, evaluate privately
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_CONFIG = "configs/digits_cnn.yaml"
+BACKEND_CHOICES = ("plain", "ckks", "mpc", "hybrid")
+
+
+def _tensors(dataset: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) tensors of a map-style dataset, first ``limit`` samples."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1024, shuffle=False)
+    xs, ys = zip(*loader, strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+def _load_model(spec: str, init_args: str | None) -> torch.nn.Module:
+    """A model from a dotted class/function path (``torchvision.models.resnet18``) or a training config."""
+    if spec.endswith((".yaml", ".yml")):
+        from privml.train import train_or_load
+
+        return train_or_load(spec)[0]
+    module_name, _, attr = spec.rpartition(".")
+    if not module_name:
+        raise SystemExit(f"privml: give a dotted path like torchvision.models.resnet18 or a config file, not {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory(**json.loads(init_args or "{}"))
+
+
+def _compile_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if args.backend == "ckks":
+        opts["layout"] = args.layout
+    if getattr(args, "degree", None):
+        opts["degree"] = args.degree
+    return opts
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from privml.compile.validate import errors, fix, validate
+
+    model = _load_model(args.model, args.init_args)
+    problems = validate(model, args.backend)
+    print(f"privml validate: {type(model).__name__} for backend {args.backend!r}: {len(problems)} finding(s)")
+    for p in problems:
+        print(f"  {p}")
+    if args.fix:
+        example = torch.randn(2, *map(int, args.input_shape.split(","))) if args.input_shape else None
+        fixed, applied = fix(model, example, replace_maxpool=args.replace_maxpool)
+        print(f"applied {len(applied)} fix(es):")
+        for a in applied:
+            print(f"  - {a}")
+        remaining = errors(validate(fixed, args.backend))
+        print("after fixes: " + ("no blocking problems" if not remaining else f"{len(remaining)} remain"))
+        for p in remaining:
+            print(f"  {p}")
+        return 1 if remaining else 0
+    return 1 if errors(problems) else 0
+
+
+def _compile_from_config(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, Any]:
+    import privml
+    from privml.train import train_or_load
+
+    model, dm = train_or_load(args.config)
+    calib, _ = _tensors(dm.train_set, args.calib)
+    compiled = privml.compile(model, calib, backend=args.backend, replace_maxpool=args.replace_maxpool,
+                              **_compile_options(args))
+    return compiled, model, dm
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    compiled, _, _ = _compile_from_config(args)
+    print(compiled.plan)
+    if args.out:
+        compiled.plan.save(args.out)
+        print(f"plan written to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from privml.evaluate import evaluate
+
+    compiled, model, dm = _compile_from_config(args)
+    x, y = _tensors(dm.test_set, args.limit)
+    name = Path(args.config).stem
+    report = evaluate(compiled, model, x, y, name=name, batch_size=args.batch_size)
+    print(report.short())
+    js, md = report.write(args.report_dir, f"{name}_{args.backend}" + (f"_{args.layout}" if args.backend == "ckks"
+                                                                          else ""))
+    print(f"report: {js} and {md}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: train (or reuse) the digits model, compile it, evaluate it privately."""
+    import time
+
+    import privml
+    from privml.evaluate import evaluate
+    from privml.train import train_or_load
+
+    t0 = time.perf_counter()
+    print(f"[1/3] training or loading the digits CNN ({args.config})")
+    model, dm = train_or_load(args.config)
+    x, y = _tensors(dm.test_set, args.limit)
+    calib, _ = _tensors(dm.train_set, 512)
+    print(f"      ready in {time.perf_counter() - t0:.1f} s; test split: {len(x)} images")
+    runs = [("plain", {}, 64)]
+    if not args.quick:
+        runs += [("ckks", {"layout": "throughput"}, len(x)), ("ckks", {"layout": "latency"}, 8)]
+    reports = []
+    for i, (backend, opts, batch) in enumerate(runs, start=1):
+        print(f"[2/3] compile #{i}: backend={backend} {opts}")
+        compiled = privml.compile(model, calib, backend=backend, **opts)
+        n = len(x) if backend == "plain" or opts.get("layout") == "throughput" else min(len(x), args.latency_samples)
+        print(f"[3/3] private evaluation on {n} test images")
+        report = evaluate(compiled, model, x[:n], y[:n], name="digits_cnn", batch_size=batch)
+        report.options.update(opts)
+        reports.append(report)
+        report.write(args.report_dir, f"demo_{backend}" + (f"_{opts['layout']}" if opts else ""))
+    print("\n=== privml demo: digits CNN ===")
+    for r in reports:
+        print(r.short())
+    print(f"reports in {args.report_dir}/ (JSON + Markdown); total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from privml.train import cli_main
+
+    cli_main(["fit", *argv])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privml", description="Run unmodified PyTorch models privately.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fit", help="train with a Lightning config (all LightningCLI arguments pass through)")
+
+    v = sub.add_parser("validate", help="list every problem stopping a model from running privately")
+    v.add_argument("model", help="dotted path (torchvision.models.resnet18) or a training config .yaml")
+    v.add_argument("--init-args", help="JSON keyword arguments for the model factory")
+    v.add_argument("--backend", default="ckks", choices=BACKEND_CHOICES)
+    v.add_argument("--fix", action="store_true", help="apply the fixes and validate again")
+    v.add_argument("--replace-maxpool", action="store_true", help="with --fix: MaxPool2d -> AvgPool2d (lossy)")
+    v.add_argument("--input-shape", help="per-sample input shape for the numerical check of fixes, e.g. 3,32,32")
+
+    for name, helptext in (("compile", "compile a trained model and print/write its plan"),
+                           ("eval", "evaluate a trained model privately and write a report")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="training config (trains if no checkpoint yet)")
+        p.add_argument("--backend", default="plain", choices=BACKEND_CHOICES)
+        p.add_argument("--layout", default="latency", choices=("latency", "throughput"))
+        p.add_argument("--degree", type=int, help="polynomial degree for approximated activations")
+        p.add_argument("--calib", type=int, default=512, help="calibration samples from the training split")
+        p.add_argument("--replace-maxpool", action="store_true")
+        if name == "compile":
+            p.add_argument("--out", help="write the plan as JSON here")
+        else:
+            p.add_argument("--limit", type=int, help="evaluate only the first N test samples")
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--report-dir", default="artifacts/reports")
+
+    d = sub.add_parser("demo", help="the main job: train digits, compile, evaluate privately, print a report")
+    d.add_argument("--config", default=DEFAULT_CONFIG)
+    d.add_argument("--limit", type=int, help="use only the first N test images")
+    d.add_argument("--latency-samples", type=int, default=16, help="images for the (slow) latency-layout run")
+    d.add_argument("--quick", action="store_true", help="plain backend only")
+    d.add_argument("--report-dir", default="artifacts/reports")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        return cmd_fit(argv[1:])
+    args = build_parser().parse_args(argv)
+    handlers = {"validate": cmd_validate, "compile": cmd_compile, "eval": cmd_eval, "demo": cmd_demo}
+    from privml.errors import PrivmlError
+
+    try:
+        return handlers[args.command](args)
+    except PrivmlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
