@@ -9,7 +9,7 @@ import torch
 from privml.backends import load_backend
 from privml.compile.api import check_input
 from privml.compile.plan import Plan
-from privml.errors import InvalidInput
+from privml.errors import InvalidInput, RangeViolation
 from privml.tensor import PrivateTensor
 
 
@@ -19,10 +19,11 @@ class Session:
     ``options`` go to the backend (e.g. ``simulation=Simulation("ckks")`` for plain).
     """
 
-    def __init__(self, plan: Plan, **options: Any) -> None:
+    def __init__(self, plan: Plan, range_slack: float | None = 3.0, **options: Any) -> None:
         if not isinstance(plan, Plan):
             raise InvalidInput(f"privml: Session needs a Plan (compiled.plan), got {type(plan).__name__}")
         self.plan = plan
+        self.range_slack = range_slack
         self.backend = load_backend(plan.backend).make_backend(plan, **options)
 
     def encrypt(self, x: torch.Tensor) -> PrivateTensor:
@@ -37,4 +38,27 @@ class Session:
         if type(t).backend_name != self.plan.backend:
             raise InvalidInput(f"privml: cannot decrypt a {type(t).backend_name} tensor in a {self.plan.backend} "
                                "session")
-        return self.backend.decrypt(t)
+        out = self.backend.decrypt(t)
+        self.check_output_range(out)
+        return out
+
+    def check_output_range(self, out: torch.Tensor) -> None:
+        """Raise ``RangeViolation`` if decrypted values fall far outside the calibrated output range.
+
+        Encrypted backends fail silently: an intermediate value leaving its polynomial's interval, or a
+        CKKS value wrapping around its modulus, shows up as outputs far from anything seen in calibration.
+        The window is the calibrated range widened by ``range_slack`` times its half-width on each side
+        (``range_slack=None`` disables the check).
+        """
+        rng = self.plan.params.get("output_range")
+        if self.range_slack is None or not rng or out.shape[-1:] == (0,):
+            return
+        lo, hi = float(rng[0]), float(rng[1])
+        center, half = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
+        worst = float((out - center).abs().max()) if out.numel() else 0.0
+        if not worst <= half * (1 + self.range_slack):
+            raise RangeViolation(
+                f"privml: decrypted outputs reach {worst:.4g} from the calibrated center {center:.4g}, beyond "
+                f"{1 + self.range_slack:.3g}x the calibrated half-width {half:.4g}: an intermediate value probably "
+                "left the interval its approximation or encoding was planned for, so these numbers cannot be "
+                "trusted. Recompile with calibration data that covers these inputs (or a larger margin).")

@@ -132,3 +132,14 @@ def test_throughput_batch_over_slots_is_refused() -> None:
     _, compiled, session, _ = run_private(model, torch.randn(2, 4), "throughput")
     with pytest.raises(InvalidInput, match="slots"):
         session.encrypt(torch.randn(session.backend.ctx.slots + 1, 4))
+
+
+def test_out_of_range_input_is_reported() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = privml.compile(model, torch.rand(64, 4), backend="ckks", layout="latency")
+    session = privml.Session(compiled.plan)
+    ok = session.decrypt(compiled(session.encrypt(torch.rand(2, 4))))
+    assert (ok - compiled(torch.rand(2, 4) * 0 + ok.new_zeros(2, 4))).shape == (2, 2)
+    with pytest.raises(privml.errors.RangeViolation, match="calibrated"):
+        session.decrypt(compiled(session.encrypt(torch.rand(2, 4) * 40.0)))

@@ -247,4 +247,8 @@ def build_plan(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, i
             row.degree = mod.degree
             row.coeffs = mod.coefficient_list()
         plan.layers.append(row)
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if outputs and isinstance(outputs[0].args[0], fx.Node) and outputs[0].args[0].name in stats:
+        st = stats[outputs[0].args[0].name]
+        plan.params["output_range"] = [st.lo, st.hi]
     return plan

@@ -30,17 +30,20 @@ Sign-based ReLU
     the previous one; :func:`relu_from_sign` / :func:`abs_from_sign` /
     :func:`max_from_sign` turn it into ReLU, |x|, leaky ReLU and pairwise max.
 
-Measured here (numpy float64, see tests/test_poly.py): composite {7,7,13} gives
-9.9 bits of sign precision for |x| >= 0.15 (2.8 bits at eps=2^-10) and
-{15,15,27} gives 13.4 bits for |x| >= 0.06 (5.0 bits at eps=2^-10).
-By Bernstein's inequality a stage of degree d widens the relative gap around 0
-by at most a factor d, so these three-stage sets cannot be precise at
-eps=2^-10 (7*7*13 < 2^10); :func:`composite_sign` with ``precision_bits`` adds
-stages until the requested precision is measured.
+Measured here (float64, checked in tests/test_poly.py), sign precision = -log2 max |p(x) - sign(x)|
+over eps <= |x| <= 1:
+    {7,7,13}   depth 10: 11.04 bits at eps = 2^-6 (>= 10 bits for eps >= 2^-6.17), only 1.00 bit at eps = 2^-10;
+    {15,15,27} depth 13: 13.29 bits at eps = 2^-9 (>= 13 bits for eps >= 2^-9.04), 7.34 bits at eps = 2^-10.
+So the published sets do not give 10 / 13 bits on |x| >= 2^-10: by Bernstein's inequality a stage of
+degree d widens the gap around 0 by at most a factor d, and 7*7*13 = 637 < 2^10 caps {7,7,13} at
+2.1 bits there.  ``composite_sign(precision_bits=..., eps=2**-10)`` searches deeper chains instead:
+10 bits -> {7,7,7,31} (10.38 bits, depth 14, 22 products), 13 bits -> {15,31,27} (13.69 bits,
+depth 14, 27 products).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ __all__ = [
 
 MAX_DEGREE = 128          # beyond this even the Chebyshev basis and our float64 Remez are not trusted
 PUBLISHED_SIGN_DEGREES: dict[int, tuple[int, ...]] = {10: (7, 7, 13), 13: (15, 15, 27)}
+_SIGN_SEARCH_DEGREES = (7, 15, 31)
 _PARITIES = (None, "odd", "even")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,6 +87,16 @@ def _check_interval(a: Any, b: Any) -> tuple[float, float]:
     if fb - fa <= 1e-12 * max(1.0, abs(fa), abs(fb)):
         raise CalibrationError(f"interval [{fa}, {fb}] is too narrow for float64 fitting: add a margin")
     return fa, fb
+
+
+def _check_err(err: Any) -> float:
+    try:
+        e = float(err)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"err must be a finite non-negative float or None, got {err!r}") from None
+    if not (math.isfinite(e) and e >= 0):
+        raise InvalidInput(f"err must be a finite non-negative float or None, got {err!r}")
+    return e
 
 
 def _check_degree(degree: Any) -> int:
@@ -228,8 +242,8 @@ class Poly:
             wrong = c[0::2] if self.parity == "odd" else c[1::2]
             if np.any(wrong != 0.0):
                 raise InvalidInput(f"Poly declared {self.parity} has non-zero coefficients of the other parity")
-        if self.err is not None and not (math.isfinite(float(self.err)) and float(self.err) >= 0):
-            raise InvalidInput(f"err must be a finite non-negative float or None, got {self.err!r}")
+        if self.err is not None:
+            _check_err(self.err)
         object.__setattr__(self, "a", a)
         object.__setattr__(self, "b", b)
         object.__setattr__(self, "coeffs", tuple(float(v) for v in c))
@@ -470,18 +484,22 @@ def _remez_t(g: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, idx: l
             ext = _alternant(xs, e, n + 1)
             if ext is None:
                 break
-            # refine each extremum between its neighbours
+            # refine each extremum between its neighbours: three zooming passes of 33 points
             left, right = xs[np.maximum(ext - 1, 0)], xs[np.minimum(ext + 1, xs.size - 1)]
-            cand = left[:, None] + (right - left)[:, None] * np.linspace(0.0, 1.0, 33)[None, :]
-            ce = err(c, cand.ravel()).reshape(cand.shape)
-            pick = np.argmax(ce * np.sign(e[ext])[:, None], axis=1)
-            new_rx = cand[np.arange(ext.size), pick]
-            new_e = np.abs(ce[np.arange(ext.size), pick])
+            sgn, rows = np.sign(e[ext])[:, None], np.arange(ext.size)
+            for _ in range(3):
+                cand = left[:, None] + (right - left)[:, None] * np.linspace(0.0, 1.0, 33)[None, :]
+                ce = err(c, cand.ravel()).reshape(cand.shape)
+                pick = np.argmax(ce * sgn, axis=1)
+                new_rx, new_e = cand[rows, pick], np.abs(ce[rows, pick])
+                step = (right - left) / 32
+                left, right = np.maximum(new_rx - step, left), np.minimum(new_rx + step, right)
             if np.all(np.diff(new_rx) > 0):
                 rx = new_rx
             else:
                 rx, new_e = xs[ext], np.abs(e[ext])
-            if max(emax, float(new_e.max())) - new_e.min() <= tol * max(emax, float(new_e.max())):
+            top = max(emax, float(new_e.max()))
+            if top - new_e.min() <= tol * top + 1e-14 * (deg + 1) * scale:  # relative gap, or float noise
                 return best_c, best_err, True
         return best_c, best_err, False
 
@@ -523,8 +541,8 @@ def remez(f: Callable[[np.ndarray], Any], a: float, b: float, degree: int, parit
     half interval t in [0, 1] (f must have that parity about the midpoint).
     Converged means the reference errors agree within ``tol`` (relative), so the
     result is within a factor 1 + tol of the best possible.  If Remez does not
-    converge, the better (on the grid) of its best iterate and the Chebyshev
-    interpolant is returned, with ``method`` saying which.
+    converge (or at the float64 noise floor), the better on the grid of its best
+    iterate and the Chebyshev interpolant is returned, ``method`` saying which.
     """
     a, b = _check_interval(a, b)
     degree, parity = _check_degree(degree), _check_parity(parity)
@@ -544,18 +562,20 @@ def remez(f: Callable[[np.ndarray], Any], a: float, b: float, degree: int, parit
         c[(0 if parity == "odd" else 1)::2] = 0.0
     p = Poly(a, b, tuple(c), parity, method="remez")
     p = Poly(a, b, p.coeffs, parity, err=max_error(p, f, a, b), method="remez")
-    if converged:
-        return p
+    # the interpolant is cheap: keep whichever is better on the grid (it only wins when Remez did not
+    # converge, or at the float64 noise floor where both are ~1e-12 relative)
     ci = chebyshev_interp(f, a, b, degree, parity)
     if weight is not None:
         xs = _grid(a, b, 20001)
         wv = _values(weight, xs, "weight")
-        better = np.max(wv * np.abs(ci(xs) - f(xs))) < np.max(wv * np.abs(p(xs) - f(xs)))
+        fx = _values(f, xs)
+        better = np.max(wv * np.abs(ci(xs) - fx)) < np.max(wv * np.abs(p(xs) - fx))
     else:
         better = ci.err < p.err
     if better:
-        return Poly(a, b, ci.coeffs, parity, err=ci.err, method="cheb(remez did not converge)")
-    return Poly(a, b, p.coeffs, parity, err=p.err, method="remez(not converged)")
+        why = "float noise floor" if converged else "remez did not converge"
+        return Poly(a, b, ci.coeffs, parity, err=ci.err, method=f"cheb({why})")
+    return p if converged else Poly(a, b, p.coeffs, parity, err=p.err, method="remez(not converged)")
 
 
 def max_error(poly: Callable[[np.ndarray], Any], f: Callable[[np.ndarray], Any], a: float, b: float,
@@ -749,6 +769,10 @@ class CompositePoly:
         if not st or not all(isinstance(p, Poly) for p in st):
             raise InvalidInput("CompositePoly needs a non-empty sequence of Poly stages")
         object.__setattr__(self, "stages", st)
+        if self.err is not None:
+            object.__setattr__(self, "err", _check_err(self.err))
+        if self.eps is not None:
+            object.__setattr__(self, "eps", _check_err(self.eps))
 
     def __call__(self, x: Any) -> Any:
         for p in self.stages:
@@ -787,7 +811,10 @@ class CompositePoly:
     def from_dict(cls, d: Any) -> CompositePoly:
         if not isinstance(d, dict) or d.get("type") != "CompositePoly" or not isinstance(d.get("stages"), list):
             raise MalformedInput(f"not a serialized CompositePoly: {str(d)[:80]}")
-        return cls(tuple(Poly.from_dict(s) for s in d["stages"]), d.get("err"), d.get("eps"))
+        try:
+            return cls(tuple(Poly.from_dict(s) for s in d["stages"]), d.get("err"), d.get("eps"))
+        except InvalidInput as exc:
+            raise MalformedInput(f"malformed CompositePoly dict: {exc}") from exc
 
 
 def _sign_grid(eps: float, n: int = 20001) -> np.ndarray:
@@ -812,19 +839,26 @@ def _sign_stage(r: float, degree: int) -> tuple[tuple[float, ...], float, float,
     return tuple(c), float(q.min()), float(q.max()), float(np.max(np.abs(q - 1.0)))
 
 
+@lru_cache(maxsize=4096)
+def _sign_chain(degrees: tuple[int, ...], eps: float) -> tuple[float, float]:
+    """(ratio r seen by a next stage, max |q - 1| of the last stage) for stages ``degrees`` from [eps, 1]."""
+    r = eps if len(degrees) == 1 else _sign_chain(degrees[:-1], eps)[0]
+    _, lo, hi, err = _sign_stage(r, degrees[-1])
+    return min(lo / hi, 1.0 - 1e-6), err  # clamping r down is safe; r ~ 1 is ill-conditioned
+
+
 @lru_cache(maxsize=256)
 def _build_sign(degrees: tuple[int, ...], eps: float) -> CompositePoly:
     """Stages on [-1, 1]; each intermediate stage is divided by the max of its image so the next sees [r, 1]."""
-    r, stages, last_err = eps, [], 1.0
+    stages = []
     for i, d in enumerate(degrees):
-        c, lo, hi, last_err = _sign_stage(r, d)
-        c = np.array(c)
-        if i < len(degrees) - 1:
-            c, r = c / hi, lo / hi
+        r = eps if i == 0 else _sign_chain(degrees[:i], eps)[0]
+        c, _, hi, _ = _sign_stage(r, d)
+        c = np.array(c) if i == len(degrees) - 1 else np.array(c) / hi
         stages.append(Poly(-1.0, 1.0, tuple(c), "odd", method="remez-sign"))
     comp = CompositePoly(tuple(stages), eps=eps)
     measured = 2.0 ** -sign_precision(comp, eps)
-    return CompositePoly(comp.stages, err=max(measured, last_err), eps=eps)
+    return CompositePoly(comp.stages, err=max(measured, _sign_chain(degrees, eps)[1]), eps=eps)
 
 
 def composite_sign(precision_bits: int | None = None, degrees: tuple[int, ...] | None = None,
@@ -833,11 +867,13 @@ def composite_sign(precision_bits: int | None = None, degrees: tuple[int, ...] |
 
     ``degrees`` builds exactly those stages (odd degrees >= 3), each the odd minimax
     approximation of 1 on the previous stage's image (Lee et al.'s construction).
-    ``precision_bits`` instead picks the cheapest (depth, then products) among: the
-    published sets (10 -> {7,7,13}, 13 -> {15,15,27}) and chains of degree-7, -15
-    or -31 stages (last stage shrunk to the smallest degree that still works), all
-    checked by measurement; BudgetError if nothing within 10 stages reaches it.
-    With neither, {7,7,13}.  ``err`` / ``precision_bits`` of the result are measured.
+    ``precision_bits`` instead picks the cheapest (depth, then products) among the
+    published sets (10 -> {7,7,13}, 13 -> {15,15,27}) and stage sequences of degrees
+    7, 15, 31 found by a best-first search on depth (last stage then shrunk to the
+    smallest odd degree that still works); the measured error decides.  BudgetError
+    if nothing within 10 stages reaches it.  With neither argument: {7,7,13}.
+    ``err`` / ``precision_bits`` of the result are measured, never assumed (see the
+    module docstring: the published sets need eps well above 2^-10).
     """
     try:
         eps = float(eps)
@@ -860,21 +896,36 @@ def composite_sign(precision_bits: int | None = None, degrees: tuple[int, ...] |
     target = 2.0 ** -int(precision_bits)
     cands = [_build_sign(s, eps) for s in PUBLISHED_SIGN_DEGREES.values()]
     cands = [c for c in cands if c.err <= target]
-    best_seen = math.inf
-    for d in (7, 15, 31):
-        degs: tuple[int, ...] = ()
-        for _ in range(10):
-            degs += (d,)
-            comp = _build_sign(degs, eps)
-            best_seen = min(best_seen, comp.err)
-            if comp.err <= target:
-                for d_last in range(3, d, 2):
-                    shrunk = _build_sign(degs[:-1] + (d_last,), eps)
-                    if shrunk.err <= target:
-                        comp = shrunk
-                        break
-                cands.append(comp)
-                break
+    # best-first search by depth over stage sequences of degrees 7, 15, 31 (the most degree per level);
+    # a prefix whose ratio r is no better than one already expanded at no more depth is dropped
+    heap: list[tuple[int, tuple[int, ...]]] = [(_depth(d), (d,)) for d in _SIGN_SEARCH_DEGREES]
+    heapq.heapify(heap)
+    found, limit, best_seen, best_r, pops = [], math.inf, math.inf, 0.0, 0
+    while heap and pops < 300:
+        dep, seq = heapq.heappop(heap)
+        if dep > limit:
+            break
+        pops += 1
+        r, err = _sign_chain(seq, eps)
+        best_seen = min(best_seen, err)
+        if err <= target:
+            found.append(seq)
+            limit = min(limit, dep + 2)  # a deeper one may still shrink below
+        elif r > best_r and len(seq) < 10:
+            best_r = r
+            for d in _SIGN_SEARCH_DEGREES:
+                heapq.heappush(heap, (dep + _depth(d), seq + (d,)))
+    for seq in found:  # shrink the last stage: precision is monotone in its degree, so bisect
+        lo, hi = 1, seq[-1]  # odd degrees; hi works, lo (degree 1) is not a sign stage
+        while hi - lo > 2:
+            mid = (lo + hi) // 2 | 1
+            mid = mid if mid < hi else hi - 2
+            if _sign_chain(seq[:-1] + (mid,), eps)[1] <= target:
+                hi = mid
+            else:
+                lo = mid
+        cands.append(_build_sign(seq[:-1] + (hi,), eps))
+    cands = [c for c in cands if c.err <= target]  # the measured error decides
     if not cands:
         raise BudgetError(f"no composite sign within 10 stages reaches {precision_bits} bits at eps={eps:g} "
                           f"(best {-math.log2(best_seen):.1f} bits); lower precision_bits or raise eps")
@@ -915,6 +966,8 @@ class ReluApprox:
         object.__setattr__(self, "slope", float(self.slope))
         if self.err is None:
             object.__setattr__(self, "err", estimate_error(self, self.target, a, b))
+        else:
+            object.__setattr__(self, "err", _check_err(self.err))
 
     @property
     def B(self) -> float:
@@ -997,6 +1050,8 @@ class MaxApprox:
             w = _grid(-1.0, 1.0, 40001)
             e = np.abs(w * (np.asarray(self.sign(w)) - np.sign(w))) * (b - a) / 2.0
             object.__setattr__(self, "err", float(e.max()))
+        else:
+            object.__setattr__(self, "err", _check_err(self.err))
 
     @property
     def D(self) -> float:
@@ -1017,6 +1072,18 @@ class MaxApprox:
     @property
     def max_error(self) -> float:
         return float(self.err)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "MaxApprox", "sign": self.sign.to_dict(), "a": self.a, "b": self.b, "err": self.err}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> MaxApprox:
+        if not isinstance(d, dict) or d.get("type") != "MaxApprox":
+            raise MalformedInput(f"not a serialized MaxApprox: {str(d)[:80]}")
+        try:
+            return cls(CompositePoly.from_dict(d["sign"]), float(d["a"]), float(d["b"]), d.get("err"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedInput(f"malformed MaxApprox dict: {exc}") from exc
 
 
 def max_from_sign(sign_poly: CompositePoly | Poly, a: float, b: float) -> MaxApprox:
@@ -1062,5 +1129,8 @@ def cheapest(name: str, a: float, b: float, max_err: float, **params: Any) -> Po
                 break
             eps, bits = eps / 2, bits + 1
     if not cands:
-        raise BudgetError(f"{name} on [{a:g}, {b:g}] cannot reach max_err={max_err:g}: {direct_msg}")
+        if name not in ("relu", "leaky_relu", "abs"):
+            raise BudgetError(direct_msg)
+        raise BudgetError(f"{direct_msg}; the sign-composite construction did not reach it either "
+                          "(within 10 stages and 40 bits)")
     return min(cands, key=lambda c: (c[0], c[1]))[2]
