@@ -139,7 +139,8 @@ def test_out_of_range_input_is_reported() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     compiled = privml.compile(model, torch.rand(64, 4), backend="ckks", layout="latency")
     session = privml.Session(compiled.plan)
-    ok = session.decrypt(compiled(session.encrypt(torch.rand(2, 4))))
-    assert (ok - compiled(torch.rand(2, 4) * 0 + ok.new_zeros(2, 4))).shape == (2, 2)
+    x = torch.rand(2, 4)
+    ok = session.decrypt(compiled(session.encrypt(x)))
+    assert (ok - compiled(x)).abs().max() < TOL
     with pytest.raises(privml.errors.RangeViolation, match="calibrated"):
         session.decrypt(compiled(session.encrypt(torch.rand(2, 4) * 40.0)))
