@@ -39,6 +39,7 @@ def test_properties(ctx: CKKSContext) -> None:
     assert ctx.slots == 4096 and ctx.max_level == 3 and ctx.has_secret_key
     assert ctx.scale == 2.0**40
     assert ctx.rotation_steps == frozenset({1, 4095, 5})
+    assert ctx.has_rotation_key(-1) and ctx.has_rotation_key(0) and not ctx.has_rotation_key(2)
     for lvl in range(ctx.max_level + 1):
         assert abs(ctx.scale_at(lvl) / ctx.scale - 1) < 1e-5
 
@@ -271,6 +272,16 @@ def test_public_context_in_a_fresh_process_cannot_decrypt(ctx: CKKSContext, xy, 
     assert "REFUSED False" in res.stdout and "DECRYPTED" not in res.stdout
     out = serialize.load_ciphertexts(ctx, (tmp_path / "out.bin").read_bytes())[0]
     assert np.abs(dec(ctx, out) - (x * y + y)).max() < TOL
+
+
+def test_insecure_context_loads_only_when_allowed() -> None:
+    from privml.he.params import CKKSParams
+
+    weak = CKKSContext.generate(CKKSParams(8192, (60, 40, 40, 60, 60), 40, allow_insecure=True))
+    blob = serialize.dump_context(weak)
+    with pytest.raises(MalformedInput, match="below 128-bit"):
+        serialize.load_context(blob)
+    assert serialize.load_context(blob, allow_insecure=True).params.security_bits == 0
 
 
 def test_bad_bytes_are_refused(ctx: CKKSContext, xy) -> None:

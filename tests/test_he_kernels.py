@@ -44,6 +44,8 @@ FC1_W, FC1_B = RNG.normal(size=(16, 32)) / 6, RNG.normal(size=16) / 4
 FC2_W, FC2_B = RNG.normal(size=(10, 16)) / 4, RNG.normal(size=10) / 4
 PLANS = {
     "tall": DiagonalMatVec(W_TALL, B_TALL, SLOTS),
+    "tall_direct": DiagonalMatVec(W_TALL, B_TALL, SLOTS, key_mode="direct"),
+    "conv_direct": DiagonalMatVec(CONV_M, np.repeat(CONV_B, 16), SLOTS, key_mode="direct"),
     "wide": DiagonalMatVec(W_WIDE, B_WIDE, SLOTS),
     "conv": DiagonalMatVec(CONV_M, np.repeat(CONV_B, 16), SLOTS),
     "fc1": DiagonalMatVec(FC1_W, FC1_B, SLOTS),
@@ -65,7 +67,8 @@ def test_conv_matrix_is_the_convolution() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, w, b", [("tall", W_TALL, B_TALL), ("wide", W_WIDE, B_WIDE), ("fc1", FC1_W, FC1_B)]
+    "name, w, b",
+    [("tall", W_TALL, B_TALL), ("tall_direct", W_TALL, B_TALL), ("wide", W_WIDE, B_WIDE), ("fc1", FC1_W, FC1_B)],
 )
 def test_diagonal_matvec_dense(ctx: CKKSContext, name: str, w: np.ndarray, b: np.ndarray) -> None:
     plan = PLANS[name]
@@ -88,12 +91,15 @@ def test_diagonal_matvec_dense(ctx: CKKSContext, name: str, w: np.ndarray, b: np
     assert ctx.stats["encodes"] == 0
 
 
-def test_diagonal_matvec_conv(ctx: CKKSContext) -> None:
-    plan = PLANS["conv"]
+@pytest.mark.parametrize("name", ["conv", "conv_direct"])
+def test_diagonal_matvec_conv(ctx: CKKSContext, name: str) -> None:
+    plan = PLANS[name]
     x = torch.tensor(RNG.uniform(-1, 1, size=(1, 1, 8, 8)))
     ref = (F.conv2d(x, CONV_W, torch.tensor(CONV_B), stride=2, padding=1)).reshape(-1).numpy()
+    padded = RNG.uniform(-1, 1, SLOTS)  # slots beyond the input hold garbage: the diagonals ignore it
+    padded[:64] = x.reshape(-1).numpy()
     ctx.reset_stats()
-    out = plan.apply(ctx, ctx.encrypt(x.reshape(-1).numpy()))
+    out = plan.apply(ctx, ctx.encrypt(padded))
     assert ctx.stats["rotations"] == plan.rotation_count
     assert plan.mult_count < 64 + 32 - 1  # a strided conv leaves many extended diagonals empty
     y = ctx.decrypt(out)
@@ -129,7 +135,7 @@ def test_matvec_guards(ctx: CKKSContext) -> None:
         DiagonalMatVec(np.ones((3, 3)), np.ones(4), SLOTS)
     with pytest.raises(InvalidInput):
         DiagonalMatVec(np.array([[np.nan]]), None, SLOTS)
-    far = DiagonalMatVec(np.eye(4, 300, k=250), None, SLOTS)  # needs a step this context has no key for
+    far = DiagonalMatVec(np.eye(4, 300, k=250), None, SLOTS, key_mode="direct")  # needs step 250: no key
     with pytest.raises(KeyMaterialError, match="Galois key"):
         far.apply(ctx, ctx.encrypt(np.ones(300)))
     zero = DiagonalMatVec(np.zeros((5, 5)), np.arange(5.0), SLOTS)
@@ -139,11 +145,23 @@ def test_matvec_guards(ctx: CKKSContext) -> None:
 
 
 def test_bsgs_rotation_count_scales_with_sqrt() -> None:
-    big = DiagonalMatVec(RNG.normal(size=(256, 784)), None, 8192)
-    assert big.mult_count == 256 + 784 - 1
-    assert big.rotation_count <= 2 * np.sqrt(1039) + 2  # vs 1039 for the plain diagonal method
-    band = DiagonalMatVec(np.eye(64) + np.eye(64, k=1) + np.eye(64, k=-1), None, 4096)
-    assert band.mult_count == 3 and band.rotation_count == 2
+    w = RNG.normal(size=(256, 784))
+    for mode in ("few", "direct"):
+        big = DiagonalMatVec(w, None, 8192, key_mode=mode)
+        assert big.mult_count == 256 + 784 - 1
+        assert big.rotation_count <= 2 * np.sqrt(1039) + 2  # vs 1039 for the plain diagonal method
+    few = DiagonalMatVec(w, None, 8192)
+    assert few.rotation_steps() == {1, few.k, -few.k}  # "few": 3 Galois keys
+    assert len(big.rotation_steps()) == big.rotation_count  # "direct": one key per rotation
+    band = np.eye(64) + np.eye(64, k=1) + np.eye(64, k=-1)
+    for mode in ("few", "direct"):
+        plan = DiagonalMatVec(band, None, 4096, key_mode=mode)
+        assert plan.mult_count == 3 and plan.rotation_count == 2 and plan.rotation_steps() == {1, -1}
+    lone = DiagonalMatVec(np.eye(4, 300, k=250), None, 4096)  # one far diagonal: steps of 1 and +-k
+    assert lone.rotation_count <= 2 * np.sqrt(250) + 2
+    assert DiagonalMatVec(np.eye(4, 300, k=250), None, 4096, key_mode="direct").rotation_count == 1
+    with pytest.raises(InvalidInput):
+        DiagonalMatVec(band, None, 4096, key_mode="all")
 
 
 # ---------------------------------------------------------------------------------------------- polynomials
@@ -198,11 +216,19 @@ def test_eval_poly_sign_stages(pctx: CKKSContext) -> None:
         assert err < 1e-5 * np.abs(c).sum(), (d, err)  # coefficients up to ~550 for degree 27
 
 
-def test_sparse_polynomials_are_cheaper() -> None:
-    dense = RNG.normal(size=28)
-    odd = dense.copy()
-    odd[0::2] = 0.0
-    assert poly_mult_count(odd) < poly_mult_count(dense)
+def test_sparse_polynomials_are_cheaper(pctx: CKKSContext) -> None:
+    ct = pctx.encrypt(RNG.uniform(-1, 1, 64))
+    for d in (7, 15, 27):
+        dense = RNG.normal(size=d + 1) / (d + 1)
+        odd = dense.copy()
+        odd[0::2] = 0.0
+        assert poly_mult_count(odd) <= poly_mult_count(dense)
+        costs = []
+        for c in (dense, odd):
+            pctx.reset_stats()
+            eval_poly(pctx, ct, c)
+            costs.append((pctx.stats["ct_ct_mults"], pctx.stats["ct_pt_mults"]))
+        assert costs[1][0] <= costs[0][0] and costs[1][1] < costs[0][1], (d, costs)
     assert poly_mult_count([0, 0, 1]) == 1 and poly_mult_count([3, 2]) == 0
     assert poly_mult_count([0] * 16 + [1]) == 4  # x^16: four squarings
 
@@ -224,7 +250,7 @@ def test_eval_poly_edge_cases(pctx: CKKSContext) -> None:
     with pytest.raises(InvalidInput):
         eval_poly(pctx, ct, [1.0, np.inf])
     with pytest.raises(RangeViolation):
-        eval_poly(pctx, ct, [100.0, 1.0])  # the constant alone exceeds the last level's headroom
+        eval_poly(pctx, pctx.mod_switch_to_level(ct, 1), [100.0, 1.0])  # exceeds the last level's headroom
 
 
 # ---------------------------------------------------------------------------------------------- throughput
@@ -235,7 +261,7 @@ def test_dense_throughput(pctx: CKKSContext) -> None:
     n, m = 12, 7
     w = RNG.normal(size=(m, n)) / 4
     w[RNG.uniform(size=w.shape) < 0.4] = 0.0
-    w[0, :3] = w[1, 3:6] = 0.125  # repeated values are encoded once
+    w[0, :3] = w[1, 3:6] = 0.125  # a value repeated along a row is encoded once
     w[6] = 0.0  # an all-zero row gives bias only
     b = RNG.normal(size=m) / 4
     feats = RNG.uniform(-1, 1, size=(n, batch))
@@ -247,7 +273,7 @@ def test_dense_throughput(pctx: CKKSContext) -> None:
     assert pctx.stats["ct_pt_mults"] == nnz
     assert pctx.stats["rotations"] == 0
     assert pctx.stats["rescales"] == m - 1
-    assert pctx.stats["encodes"] == len(np.unique(w[w != 0])) + np.count_nonzero(b)
+    assert pctx.stats["encodes"] == nnz - 4 + np.count_nonzero(b)
     ref = w @ feats + b[:, None]
     for j in range(m):
         assert pctx.level(out[j]) == pctx.level(cts[0]) - 1

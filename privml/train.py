@@ -1,0 +1,336 @@
+"""Lightning glue: a classifier module, a datamodule over ``privml.data``, and the ``privml fit`` CLI.
+
+Training configs are LightningCLI YAML files (see ``configs/``); their ``ModelCheckpoint`` callback
+names a fixed file (``dirpath`` + ``filename``) so :func:`train_or_load` can find a trained model
+again without retraining. Checkpoints carry the inner model's ``class_path``/``init_args`` so
+:func:`load_model_from_checkpoint` rebuilds the plain ``nn.Module`` on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, random_split
+
+from privml.data import DATASETS, get_dataset
+from privml.errors import InvalidInput, MalformedInput, PrivmlError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine")
+SPEC_KEY = "privml_model_spec"
+
+
+class ClassifierModule(L.LightningModule):
+    """Trains any ``nn.Module`` classifier with cross-entropy; logs train/val loss, ``val_acc``, ``test_acc``.
+
+    ``scheduler="cosine"`` anneals the learning rate to zero over ``trainer.max_epochs``, which makes
+    the last epoch's (checkpointed) weights stable on these small data sets.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        scheduler: str = "none",
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if scheduler not in SCHEDULERS:
+            raise InvalidInput(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if lr <= 0 or weight_decay < 0:
+            raise InvalidInput(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        # How to rebuild ``model``: {"class_path": ..., "init_args": {...}}. The CLI fills it from the
+        # config; code that builds the module by hand may set it, or pass ``model=`` when loading.
+        self.model_spec: dict[str, Any] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _loss_acc(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss_acc(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, acc = self._loss_acc(batch)
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_acc", acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, acc = self._loss_acc(batch)
+        self.log("test_loss", loss)
+        self.log("test_acc", acc)
+
+    def configure_optimizers(self) -> Any:
+        lr, wd = self.hparams.lr, self.hparams.weight_decay
+        if self.hparams.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        elif self.hparams.optimizer == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=wd)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=wd)
+        if self.hparams.scheduler == "none":
+            return opt
+        epochs = max(1, self.trainer.max_epochs or 1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SPEC_KEY] = self.model_spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.model_spec = checkpoint.get(SPEC_KEY)
+
+
+class PrivmlDataModule(L.LightningDataModule):
+    """Batches of a ``privml.data`` dataset; the validation set is the test split unless ``val_fraction > 0``."""
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        batch_size: int = 64,
+        seed: int = 0,
+        root: str | None = None,
+        download: bool = False,
+        val_fraction: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise InvalidInput(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+        if batch_size < 1:
+            raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise InvalidInput(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.root, self.download, self.val_fraction = root, download, val_fraction
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _load(self) -> tuple[Dataset, Dataset]:
+        if self.dataset in ("mnist", "cifar10"):
+            return get_dataset(self.dataset, root=self.root, download=self.download)
+        return get_dataset(self.dataset, seed=self.seed)
+
+    def prepare_data(self) -> None:
+        if self.download:  # fetch once, before any setup
+            self._load()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load all splits once (the shipped sets are tiny); later calls are no-ops."""
+        if self.train_set is not None:
+            return
+        train, test = self._load()
+        if self.val_fraction > 0:
+            n_val = max(1, round(len(train) * self.val_fraction))
+            gen = torch.Generator().manual_seed(self.seed)
+            train, self.val_set = random_split(train, [len(train) - n_val, n_val], generator=gen)
+        else:
+            self.val_set = test
+        self.train_set, self.test_set = train, test
+
+    def _loader(self, ds: Dataset | None, shuffle: bool = False) -> DataLoader:
+        if ds is None:
+            raise PrivmlError("PrivmlDataModule.setup() has not run yet")
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+
+class PrivmlCLI(LightningCLI):
+    """LightningCLI that records the inner model's class_path/init_args on the module for checkpoints.
+
+    Adds a top-level ``num_threads`` option: these models are tiny, and on a busy machine one
+    intra-op thread trains them several times faster than torch's default.
+    """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--num_threads", type=int | None, default=None, help="torch.set_num_threads for this run"
+        )
+
+    def _own_config(self) -> Any:
+        return self.config[self.config.subcommand] if "subcommand" in self.config else self.config
+
+    def before_instantiate_classes(self) -> None:
+        threads = self._own_config().get("num_threads")
+        if threads is not None:
+            if threads < 1:
+                raise InvalidInput(f"num_threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        try:
+            text = self.parser.dump(self.config, skip_link_targets=False, skip_unset=False)
+        except TypeError:  # jsonargparse < 4.49 calls it skip_none
+            text = self.parser.dump(self.config, skip_link_targets=False, skip_none=False)
+        dump = yaml.safe_load(text)
+        if "subcommand" in self.config:
+            dump = dump[self.config.subcommand]
+        self.model.model_spec = dump["model"]["model"]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's advice that does not apply here (tiny in-memory sets, CPU only)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        # Lightning 2.6 still calls jsonargparse APIs deprecated in jsonargparse 4.49.
+        warnings.filterwarnings("ignore", message="(?s).*was deprecated in v4\\.49")
+        warnings.filterwarnings("ignore", message="(?s).*only one JsonargparseDeprecationWarning per type")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+        yield
+
+
+def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
+    """Parse ``args`` (e.g. ``["fit", "--config", path]``, or ``["--config", path]`` with ``run=False``).
+
+    With ``run=False`` the model, datamodule and trainer are instantiated but nothing runs, and
+    parse errors raise ``InvalidInput`` instead of exiting.
+    """
+    kwargs: dict[str, Any] = dict(
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"accelerator": "cpu", "devices": 1},
+    )
+    with _quiet():
+        if run:
+            return PrivmlCLI(ClassifierModule, PrivmlDataModule, **kwargs)
+        try:
+            return PrivmlCLI(ClassifierModule, PrivmlDataModule, parser_kwargs={"exit_on_error": False}, **kwargs)
+        except PrivmlError:
+            raise
+        except Exception as exc:  # jsonargparse reports bad configs with several exception types
+            raise InvalidInput(f"invalid training config ({' '.join(args)}): {exc}") from exc
+
+
+def cli_main(argv: list[str] | None = None) -> None:
+    """``privml fit --config configs/digits_cnn.yaml`` (argv without the program name; None: sys.argv[1:])."""
+    build_cli(argv, run=True)  # None lets LightningCLI read sys.argv
+
+
+def checkpoint_path(trainer: L.Trainer) -> Path:
+    """The fixed file the trainer's single ``ModelCheckpoint`` writes (``dirpath/filename.ckpt``)."""
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    if len(callbacks) != 1 or callbacks[0].dirpath is None or "{" in (callbacks[0].filename or "{"):
+        raise InvalidInput(
+            "a training config needs exactly one ModelCheckpoint callback with a fixed dirpath and filename "
+            "(e.g. dirpath: artifacts/digits_cnn, filename: model, enable_version_counter: false)"
+        )
+    cb = callbacks[0]
+    return Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+
+
+def _build_model(spec: dict[str, Any]) -> nn.Module:
+    """Instantiate ``{"class_path": ..., "init_args": {...}}`` the way the CLI did (jsonargparse)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(nn.Module, "model", fail_untyped=False)
+    try:
+        cfg = parser.parse_object({"model": spec})
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+        return instantiate(cfg).model
+    except Exception as exc:
+        raise MalformedInput(f"cannot rebuild the model from checkpoint spec {spec}: {exc}") from exc
+
+
+def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The trained inner ``nn.Module`` of a ClassifierModule checkpoint, on CPU, in eval mode.
+
+    The model is rebuilt from the spec stored in the checkpoint; pass ``model`` (an instance of
+    the right architecture) for checkpoints written without one (a ClassifierModule built by hand).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"no checkpoint at {path}; train first (privml fit --config <config>)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        full_state = ckpt["state_dict"]
+    except Exception as exc:
+        raise MalformedInput(f"cannot read checkpoint {path}: {exc}") from exc
+    state = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
+    if model is None:
+        spec = ckpt.get(SPEC_KEY)
+        if spec is None:
+            raise InvalidInput(f"checkpoint {path} does not record its model's class; pass model=<an instance>")
+        model = _build_model(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MalformedInput(f"checkpoint {path} does not fit {type(model).__name__}: {exc}") from exc
+    return model.eval()
+
+
+def train_or_load(
+    config: str | Path, force: bool = False, overrides: list[str] | None = None
+) -> tuple[nn.Module, PrivmlDataModule]:
+    """Load the checkpoint named by ``config`` if it exists (and not ``force``), else train by ``config``.
+
+    Returns the plain inner ``nn.Module`` in eval mode and the datamodule with ``setup()`` done.
+    ``overrides`` are extra CLI arguments such as ``["--trainer.max_epochs=2"]``. Like ``privml fit``,
+    it applies the config's ``seed_everything`` (global RNG seeding) even when it only loads.
+    """
+    config = Path(config)
+    if not config.is_file():
+        raise InvalidInput(f"training config {config} not found")
+    threads = torch.get_num_threads()
+    with _quiet():
+        try:
+            cli = build_cli(["--config", str(config), *(overrides or [])], run=False)
+            model, datamodule = _fit_or_load(cli, force)
+        finally:
+            torch.set_num_threads(threads)  # the config's num_threads applies to training only
+    datamodule.setup()
+    return model.cpu().eval(), datamodule
+
+
+def _fit_or_load(cli: LightningCLI, force: bool) -> tuple[nn.Module, PrivmlDataModule]:
+    ckpt = checkpoint_path(cli.trainer)
+    if ckpt.is_file() and not force:
+        return load_model_from_checkpoint(ckpt), cli.datamodule
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if not ckpt.is_file():
+        raise PrivmlError(f"training finished but wrote no checkpoint at {ckpt}")
+    return cli.model.model, cli.datamodule
+
+
+if __name__ == "__main__":
+    cli_main()
