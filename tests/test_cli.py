@@ -1,0 +1,44 @@
+"""The privml command line: validate, compile, eval (the demo's building blocks) on shipped configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privml.cli import main
+
+
+def test_validate_resnet18_lists_problems_and_passes_after_fixes(capsys: pytest.CaptureFixture) -> None:
+    rc = main(["validate", "torchvision.models.resnet18", "--init-args", '{"num_classes": 10}'])
+    out = capsys.readouterr().out
+    assert rc == 1 and "layer4.1.bn2" in out and "maxpool" in out
+    rc = main(["validate", "torchvision.models.resnet18", "--init-args", '{"num_classes": 10}', "--fix",
+               "--replace-maxpool", "--input-shape", "3,32,32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "no blocking problems" in out and "folded layer1.0.bn1 into layer1.0.conv1" in out
+
+
+def test_compile_writes_plan(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out_path = tmp_path / "plan.json"
+    rc = main(["compile", "--config", "configs/breast_cancer_mlp.yaml", "--backend", "ckks", "--layout",
+               "throughput", "--out", str(out_path)])
+    assert rc == 0
+    plan = json.loads(out_path.read_text())
+    assert plan["backend"] == "ckks" and plan["params"]["security_bits"] == 128
+    assert "privml plan" in capsys.readouterr().out
+
+
+def test_eval_writes_report(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["eval", "--config", "configs/breast_cancer_mlp.yaml", "--backend", "ckks", "--layout", "throughput",
+               "--report-dir", str(tmp_path), "--batch-size", "200"])
+    assert rc == 0
+    report = json.loads((tmp_path / "breast_cancer_mlp_ckks_throughput.json").read_text())
+    assert report["samples"] > 100 and report["private_accuracy"] >= report["clear_accuracy"] - 0.03
+    assert any("secret key" in t for t in report["trust"])
+    assert (tmp_path / "breast_cancer_mlp_ckks_throughput.md").read_text().startswith("# privml evaluation")
+
+
+def test_privml_errors_exit_cleanly(capsys: pytest.CaptureFixture) -> None:
+    rc = main(["compile", "--config", "configs/does_not_exist.yaml"])
+    assert rc == 2 and "not found" in capsys.readouterr().err
