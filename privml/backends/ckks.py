@@ -88,6 +88,13 @@ def extract_affine(fn: Callable[[torch.Tensor], torch.Tensor], sample_shape: tup
 
 
 # --------------------------------------------------------------------------------------------- runtimes
+def _progress(items: list, what: str) -> Any:
+    """A progress bar over many ciphertexts (throughput layout: hundreds of features), silent for few."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"ckks {what}", unit="ct", leave=False, disable=len(items) < 64)
+
+
 class Runtime:
     """Executes payload-level ops for one context and layout; caches affine maps and encoded diagonals."""
 
@@ -140,13 +147,14 @@ class Runtime:
     def poly(self, payload: list, coeffs: list[float]) -> list:
         from privml.he.kernels import eval_poly
 
-        return [eval_poly(self.ctx, ct, coeffs) for ct in payload]
+        degree = max((i for i, c in enumerate(coeffs) if c), default=0)
+        return [eval_poly(self.ctx, ct, coeffs) for ct in _progress(payload, f"poly deg {degree}")]
 
     def mul(self, a: list, b: list) -> list:
-        return [self.ctx.mul(x, y) for x, y in zip(a, b, strict=True)]
+        return [self.ctx.mul(x, y) for x, y in zip(_progress(a, "multiply"), b, strict=True)]
 
     def square(self, a: list) -> list:
-        return [self.ctx.square(x) for x in a]
+        return [self.ctx.square(x) for x in _progress(a, "square")]
 
     def add(self, a: list, b: list, negate_b: bool = False) -> list:
         op = self.ctx.sub if negate_b else self.ctx.add

@@ -350,8 +350,12 @@ def _failure_error(failures: dict[int, dict], silent: list[int], names: list[str
 
 def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, timeout: float = 120.0,
                 roles: list[str] | None = None, ttp: bool = False,
-                log_level: int = logging.WARNING) -> RunResult:
+                log_level: int = logging.WARNING, rank_args: list[tuple] | None = None) -> RunResult:
     """Run ``fn(ctx, *args)`` in ``world_size`` real party processes and return their results.
+
+    ``rank_args`` (one tuple per party) gives each party extra private arguments, appended to
+    ``args``: party r runs ``fn(ctx, *args, *rank_args[r])`` and no other process receives them
+    (e.g. the data owner's input goes to the data owner only).
 
     ``fn`` and ``args`` must be picklable (a module-level function), and so must each
     party's return value. Returns a :class:`RunResult` (a list indexed by rank) whose
@@ -363,6 +367,8 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     if not callable(fn):
         raise InvalidInput(f"fn must be callable, got {type(fn).__name__}")
     _check_crypten_installed()
+    if rank_args is not None and (len(rank_args) != world_size or not all(isinstance(a, tuple) for a in rank_args)):
+        raise InvalidInput(f"rank_args must be {world_size} tuples (one per party), got {rank_args!r:.200}")
     n_procs = world_size + (1 if ttp else 0)
     all_names = names + ([TTP_ROLE] if ttp else [])
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RENDEZVOUS": "env://"}
@@ -372,8 +378,9 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     try:
         for rank in range(n_procs):
             recv_end, send_end = mp.Pipe(duplex=False)
+            own = tuple(rank_args[rank]) if rank_args is not None and rank < world_size else ()
             proc = mp.Process(target=_child_main, name=f"privml-{all_names[rank]}",
-                              args=(send_end, fn, tuple(args), rank, world_size, names, float(timeout),
+                              args=(send_end, fn, tuple(args) + own, rank, world_size, names, float(timeout),
                                     ttp, env, log_level))
             try:
                 proc.start()

@@ -1,5 +1,14 @@
-"""Trainable polynomial activations that ``privml.compile`` puts in place of ReLU, GELU, sigmoid..."""
+"""Polynomial activations that ``privml.compile`` puts in place of ReLU, GELU, sigmoid..., fixed or trainable."""
 
-from privml.nn.poly import PolyActivation
+from privml.nn.poly import (
+    APPROX_MODULES,
+    CompositeRelu,
+    PolyActivation,
+    out_of_range_counts,
+    range_penalty,
+    reset_range_counters,
+    set_trainable,
+)
 
-__all__ = ["PolyActivation"]
+__all__ = ["APPROX_MODULES", "CompositeRelu", "PolyActivation", "out_of_range_counts", "range_penalty",
+           "reset_range_counters", "set_trainable"]
