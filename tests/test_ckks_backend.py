@@ -144,3 +144,14 @@ def test_out_of_range_input_is_reported() -> None:
     assert (ok - compiled(x)).abs().max() < TOL
     with pytest.raises(privml.errors.RangeViolation, match="calibrated"):
         session.decrypt(compiled(session.encrypt(torch.rand(2, 4) * 40.0)))
+
+
+def test_second_call_reuses_encoded_diagonals() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 4))
+    x = torch.randn(1, 1, 4, 4)
+    _, compiled, session, _ = run_private(model, x, "latency")
+    stats = session.backend.ctx.stats
+    before = stats["encodes"]
+    out = session.decrypt(compiled(session.encrypt(torch.randn(1, 1, 4, 4))))
+    assert out.shape == (1, 4)
+    assert stats["encodes"] - before <= 2  # only the new input's encoding, no diagonal re-encoded

@@ -40,6 +40,9 @@ from privml.tensor import PrivateTensor, current_module, ops
 from privml.tensor.base import op_name, unsupported
 
 LAYOUTS = ("latency", "throughput")
+# Encoded diagonals are cached per (layer, level): large enough for the reference models at N=16384
+# (TutorialCNN needs ~0.9 GB); an LRU that is too small for one forward pass would never hit.
+PLAINTEXT_CACHE_BYTES = 4 << 30
 aten = torch.ops.aten
 
 
@@ -64,6 +67,10 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def _arg_key(a: object) -> object:
+    """A cache key for an op argument: the encrypted operand by shape only (it changes every call, the
+    affine map does not), plain tensors by identity and version (weights), anything else by value."""
+    if isinstance(a, PrivateTensor):
+        return ("X", tuple(a.shape[1:]))
     if isinstance(a, torch.Tensor):
         return _tensor_key(a)
     if isinstance(a, (list, tuple)):
@@ -546,6 +553,7 @@ class CKKSBackend:
         params, steps, layout = _params_of(plan)
         self.plan = plan
         self.ctx = CKKSContext.generate(params, steps)
+        self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = Runtime(self.ctx, layout)
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
@@ -606,6 +614,7 @@ class CKKSServer:
 
             raise KeyMaterialError("privml: the context given to the server contains a secret key; send "
                                    "session.public_context() instead")
+        self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = Runtime(self.ctx, layout)
 
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
