@@ -25,6 +25,7 @@ def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tenso
     reference = reference.eval()
     with torch.no_grad():
         clear_logits = reference(x)
+        approx_logits = compiled(x)  # the compiled (approximated) model in clear
     outputs = []
     start = time.perf_counter()
     batches = range(0, x.shape[0], batch_size)
@@ -43,6 +44,8 @@ def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tenso
         private_accuracy=float((private_pred == y).float().mean()),
         agreement=float((clear_pred == private_pred).float().mean()),
         max_abs_logit_error=float((clear_logits - private_logits).abs().max()),
+        encryption_error=float((approx_logits - private_logits).abs().max()),
+        approximation_error=float((approx_logits - clear_logits).abs().max()),
         seconds_total=seconds,
         seconds_per_sample=seconds / max(1, x.shape[0]),
         options={"batch_size": batch_size, **{k: str(v) for k, v in session_options.items()},

@@ -25,6 +25,8 @@ class EvalReport:
     max_abs_logit_error: float
     seconds_total: float
     seconds_per_sample: float
+    encryption_error: float = 0.0
+    approximation_error: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, Any] = field(default_factory=dict)
     trust: list[str] = field(default_factory=list)
@@ -44,7 +46,9 @@ class EvalReport:
             f"| clear accuracy | {100 * self.clear_accuracy:.2f}% |",
             f"| private accuracy | {100 * self.private_accuracy:.2f}% |",
             f"| prediction agreement | {100 * self.agreement:.2f}% |",
-            f"| max abs logit error | {self.max_abs_logit_error:.3g} |",
+            f"| max abs logit error vs original model | {self.max_abs_logit_error:.3g} |",
+            f"| of which approximation (clear approximated vs original) | {self.approximation_error:.3g} |",
+            f"| of which encryption (private vs clear approximated) | {self.encryption_error:.3g} |",
             f"| time per sample | {1000 * self.seconds_per_sample:.2f} ms |",
             f"| total time | {self.seconds_total:.2f} s |",
         ]
