@@ -52,7 +52,15 @@ class EvalReport:
             f"| time per sample | {1000 * self.seconds_per_sample:.2f} ms |",
             f"| total time | {self.seconds_total:.2f} s |",
         ]
-        lines += [f"| {k} | {v} |" for k, v in self.costs.items()]
+        layers = self.costs.get("layers") if isinstance(self.costs.get("layers"), dict) else None
+        lines += [f"| {k} | {v} |" for k, v in self.costs.items() if k != "layers"]
+        if layers:
+            lines += ["", "## Cost per layer", "", "| layer | " + " | ".join(_columns(layers)) + " |",
+                      "|---|" + "---|" * len(_columns(layers))]
+            for name, row in layers.items():
+                cells = [f"{row.get(c, '')}" if not isinstance(row.get(c), float) else f"{row[c]:.4g}"
+                         for c in _columns(layers)]
+                lines.append(f"| {name or '<root>'} | " + " | ".join(cells) + " |")
         if self.plan_summary:
             lines += ["", "## Plan", ""] + [f"- {k}: {v}" for k, v in self.plan_summary.items()]
         if self.trust:
@@ -75,6 +83,13 @@ class EvalReport:
         js.write_text(json.dumps(self.to_dict(), indent=2))
         md.write_text(self.markdown())
         return js, md
+
+
+def _columns(layers: dict[str, dict]) -> list[str]:
+    cols: list[str] = []
+    for row in layers.values():
+        cols += [c for c in row if c not in cols]
+    return cols
 
 
 def environment() -> dict[str, Any]:
