@@ -155,3 +155,28 @@ def test_second_call_reuses_encoded_diagonals() -> None:
     out = session.decrypt(compiled(session.encrypt(torch.randn(1, 1, 4, 4))))
     assert out.shape == (1, 4)
     assert stats["encodes"] - before <= 2  # only the new input's encoding, no diagonal re-encoded
+
+
+def test_input_expansion_makes_strided_conv_cheap() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 7, stride=3), Lambda(lambda x: x * x), nn.Flatten(), nn.Linear(256, 10))
+    x = torch.randn(1, 1, 28, 28) * 0.3
+    got, compiled, session, _ = run_private(model, x, "latency")
+    assert compiled.plan.params["input_expansion"] is not None
+    assert (got - model(x)).abs().max() < TOL * max(1.0, model(x).abs().max().item())
+    session.backend.ctx.reset_stats()
+    compiled(session.encrypt(x))
+    assert session.backend.ctx.stats["ct_pt_mults"] < 400  # ~1000 diagonals without the expansion
+    plain_compiled = privml.compile(model, torch.randn(32, 1, 28, 28) * 0.3, backend="ckks", layout="latency",
+                                    input_expansion=False)
+    assert plain_compiled.plan.params["input_expansion"] is None
+    with pytest.raises(privml.errors.PrivmlError, match="expansion"):
+        session.decrypt(session.encrypt(x))  # expanded inputs only feed the first layer
+
+
+def test_no_expansion_when_the_input_is_used_twice() -> None:
+    model = Lambda(lambda x: F.conv2d(x, CONV_W[:1, :1], padding=1) + torch.square(x))
+    x = torch.randn(2, 1, 5, 5)
+    got, compiled, _, _ = run_private(model, x, "latency")
+    assert compiled.plan.params["input_expansion"] is None
+    assert (got - model(x)).abs().max() < TOL * max(1.0, model(x).abs().max().item())

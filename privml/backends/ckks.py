@@ -95,6 +95,19 @@ def extract_affine(fn: Callable[[torch.Tensor], torch.Tensor], sample_shape: tup
 
 
 # --------------------------------------------------------------------------------------------- runtimes
+class ExpandedInput(list):
+    """Fresh latency-layout ciphertexts holding the client-side expansion x' of the input (see
+    ``privml.he.expansion``): the first linear map applied to them uses the expanded weight."""
+
+
+def _not_expanded(*payloads: Any) -> None:
+    """Expanded inputs only make sense to the first linear map the plan built them for."""
+    if any(isinstance(p, ExpandedInput) for p in payloads):
+        raise PrivmlError("privml: this encrypted input is laid out for the model's first linear layer (input "
+                          "expansion); it cannot be decrypted or used by another op. Compile with "
+                          "input_expansion=False to encrypt inputs as they are.")
+
+
 def _progress(items: list, what: str) -> Any:
     """A progress bar over many ciphertexts (throughput layout: hundreds of features), silent for few."""
     from tqdm.auto import tqdm
@@ -105,11 +118,12 @@ def _progress(items: list, what: str) -> Any:
 class Runtime:
     """Executes payload-level ops for one context and layout; caches affine maps and encoded diagonals."""
 
-    def __init__(self, ctx: Any, layout: str) -> None:
+    def __init__(self, ctx: Any, layout: str, expansion: Any = None) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
         self.ctx = ctx
         self.layout = layout
+        self.expansion = expansion  # privml.he.expansion.InputExpansion for the first layer (latency only)
         self._affine_cache: dict[tuple, tuple[np.ndarray, np.ndarray, tuple[int, ...]]] = {}
         self._matvec_cache: dict[tuple, Any] = {}
 
@@ -127,15 +141,19 @@ class Runtime:
     def encrypt(self, x: torch.Tensor) -> list:
         flat = x.detach().double().reshape(x.shape[0], -1).numpy()
         if self.layout == "latency":
+            if self.expansion is not None:
+                flat = self.expansion.expand(flat)
             if flat.shape[1] > self.slots:
                 raise InvalidInput(f"privml: a sample has {flat.shape[1]} values but a ciphertext holds {self.slots}")
-            return [self.ctx.encrypt(row) for row in flat]
+            cts = [self.ctx.encrypt(row) for row in flat]
+            return ExpandedInput(cts) if self.expansion is not None else cts
         if flat.shape[0] > self.slots:
             raise InvalidInput(f"privml: batch of {flat.shape[0]} exceeds the {self.slots} slots of the throughput "
                                "layout: split it into chunks")
         return [self.ctx.encrypt(col) for col in flat.T]
 
     def decrypt(self, payload: list, batch: int, numel: int) -> np.ndarray:
+        _not_expanded(payload)
         if self.layout == "latency":
             return np.stack([self.ctx.decrypt(ct)[:numel] for ct in payload])
         return np.stack([self.ctx.decrypt(ct)[:batch] for ct in payload], axis=1)
@@ -146,24 +164,31 @@ class Runtime:
 
         if self.layout == "throughput":
             return dense_throughput(self.ctx, payload, affine.weight, affine.bias)
-        mv = self._matvec_cache.get(affine.key)
+        expanded = isinstance(payload, ExpandedInput)
+        key = affine.key + (("expanded",) if expanded else ())
+        mv = self._matvec_cache.get(key)
         if mv is None:
-            mv = self._matvec_cache[affine.key] = DiagonalMatVec(affine.weight, affine.bias, self.slots)
+            weight = self.expansion.weight(affine.weight) if expanded else affine.weight
+            mv = self._matvec_cache[key] = DiagonalMatVec(weight, affine.bias, self.slots)
         return [mv.apply(self.ctx, ct) for ct in payload]
 
     def poly(self, payload: list, coeffs: list[float]) -> list:
         from privml.he.kernels import eval_poly
 
+        _not_expanded(payload)
         degree = max((i for i, c in enumerate(coeffs) if c), default=0)
         return [eval_poly(self.ctx, ct, coeffs) for ct in _progress(payload, f"poly deg {degree}")]
 
     def mul(self, a: list, b: list) -> list:
+        _not_expanded(a, b)
         return [self.ctx.mul(x, y) for x, y in zip(_progress(a, "multiply"), b, strict=True)]
 
     def square(self, a: list) -> list:
+        _not_expanded(a)
         return [self.ctx.square(x) for x in _progress(a, "square")]
 
     def add(self, a: list, b: list, negate_b: bool = False) -> list:
+        _not_expanded(a, b)
         op = self.ctx.sub if negate_b else self.ctx.add
         return [op(x, y) for x, y in zip(a, b, strict=True)]
 
@@ -185,6 +210,8 @@ class DryRuntime(Runtime):
         self.rotation_steps: set[int] = set()
         self.min_slots = 1
         self.log: list[tuple[str, str, int, int]] = []  # (names, op, levels consumed, depth after)
+        self.fresh_maps: set[tuple] = set()  # distinct affine maps applied directly to the fresh input
+        self.first_weight: np.ndarray | None = None
 
     @property
     def slots(self) -> int:
@@ -204,6 +231,9 @@ class DryRuntime(Runtime):
 
         m, n = affine.weight.shape
         if self.layout == "latency":
+            if payload == 0:
+                self.fresh_maps.add(affine.key)
+                self.first_weight = affine.weight
             self.min_slots = max(self.min_slots, n + m)
             mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
             self.rotation_steps |= mv.rotation_steps()
@@ -212,17 +242,25 @@ class DryRuntime(Runtime):
     def poly(self, payload: int, coeffs: list[float]) -> int:
         from privml.he.kernels import poly_depth
 
+        if payload == 0:
+            self.fresh_maps.add(("non-affine",))
         degree = max((i for i, c in enumerate(coeffs) if c != 0.0), default=0)
         cost = poly_depth(degree)
         return self._note(current_module() or "", f"poly(deg {degree})", cost, payload + cost)
 
     def mul(self, a: int, b: int) -> int:
+        if 0 in (a, b):
+            self.fresh_maps.add(("non-affine",))
         return self._note(current_module() or "", "mul", 1, max(a, b) + 1)
 
     def square(self, a: int) -> int:
+        if a == 0:
+            self.fresh_maps.add(("non-affine",))
         return self._note(current_module() or "", "square", 1, a + 1)
 
     def add(self, a: int, b: int, negate_b: bool = False) -> int:
+        if 0 in (a, b):
+            self.fresh_maps.add(("non-affine",))
         return max(a, b)
 
     def levels_left(self, payload: int) -> int:
@@ -497,7 +535,8 @@ def dumps(t: CKKSTensor) -> bytes:
     from privml.he.serialize import dump_ciphertexts
 
     t = t.materialized()
-    header = json.dumps({"shape": list(t.shape), "layout": t.layout}).encode()
+    header = json.dumps({"shape": list(t.shape), "layout": t.layout,
+                         "expanded": isinstance(t.payload, ExpandedInput)}).encode()
     body = dump_ciphertexts(t.runtime.ctx, list(t.payload))
     return _TENSOR_MAGIC + struct.pack("<HI", _TENSOR_VERSION, len(header)) + header + body
 
@@ -520,15 +559,20 @@ def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
         header = json.loads(data[14:14 + hlen])
         shape = tuple(int(s) for s in header["shape"])
         layout = str(header["layout"])
-    except (ValueError, KeyError, TypeError):
+        expanded = bool(header.get("expanded", False))
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise MalformedInput("privml: corrupt encrypted tensor header") from None
     if layout != runtime.layout or len(shape) < 1 or any(s < 1 for s in shape):
         raise MalformedInput(f"privml: tensor layout/shape {layout}/{shape} does not fit this session "
                              f"({runtime.layout})")
+    if expanded and runtime.expansion is None:
+        raise MalformedInput("privml: the tensor claims an expanded first-layer input, which this plan does not use")
     cts = load_ciphertexts(runtime.ctx, data[14 + hlen:])
     expected = shape[0] if layout == "latency" else int(np.prod(shape[1:]))
     if len(cts) != expected:
         raise MalformedInput(f"privml: header promises {expected} ciphertexts, got {len(cts)}")
+    if runtime.expansion is not None and expanded:
+        cts = ExpandedInput(cts)
     return CKKSTensor(cts, shape, torch.float32, runtime=runtime, pending=None)
 
 
@@ -540,6 +584,13 @@ def _params_of(plan: Any) -> tuple[Any, list[int], str]:
     if not ck:
         raise PrivmlError("privml: this plan has no CKKS parameters; compile the model with backend='ckks'")
     return CKKSParams.from_dict(ck), list(plan.params.get("rotation_steps", [])), plan.params.get("layout", "latency")
+
+
+def _expansion_of(plan: Any) -> Any:
+    from privml.he.expansion import InputExpansion
+
+    d = plan.params.get("input_expansion")
+    return InputExpansion.from_dict(d) if d else None
 
 
 class CKKSBackend:
@@ -554,7 +605,7 @@ class CKKSBackend:
         self.plan = plan
         self.ctx = CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout)
+        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan))
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
         return CKKSTensor(self.runtime.encrypt(x), tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
@@ -615,7 +666,7 @@ class CKKSServer:
             raise KeyMaterialError("privml: the context given to the server contains a secret key; send "
                                    "session.public_context() instead")
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout)
+        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan))
 
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
         """Decode ciphertexts, run ``model`` on them, return the encrypted result as bytes."""
@@ -631,7 +682,8 @@ def make_backend(plan: Any, **_: Any) -> CKKSBackend:
     return CKKSBackend(plan)
 
 
-def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1) -> DryRuntime:
+def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,
+            input_expansion: bool = True) -> DryRuntime:
     """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs."""
     rt = DryRuntime(layout)
     x = CKKSTensor(rt.encrypt(torch.empty((batch, *input_shape))), (batch, *input_shape), torch.float32,
@@ -640,6 +692,17 @@ def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, b
     if not isinstance(out, CKKSTensor):
         raise PrivmlError("privml: the model's output is not an encrypted tensor")
     out.finalize()
+    rt.expansion = None
+    if input_expansion and layout == "latency" and len(rt.fresh_maps) == 1 and rt.first_weight is not None:
+        from privml.he.expansion import plan_expansion
+
+        rt.expansion = plan_expansion(rt.first_weight, slots=max(rt._slots, rt.min_slots))
+        if rt.expansion is not None:  # the first layer runs on x' instead: its keys and slots replace W's
+            from privml.he.kernels import DiagonalMatVec
+
+            w = rt.expansion.weight(rt.first_weight)
+            rt.min_slots = max(rt.min_slots, w.shape[0] + w.shape[1])
+            rt.rotation_steps |= DiagonalMatVec(w, None, max(rt._slots, w.shape[0] + w.shape[1])).rotation_steps()
     return rt
 
 

@@ -20,13 +20,13 @@ HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing 
 
 def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layout: str = "latency",
               precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
-              coeff_mod_bit_sizes: tuple[int, ...] | None = None) -> None:
+              coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True) -> None:
     """Fill ``plan.params`` (CKKS parameters, rotation steps, layout) and the per-layer levels."""
     from privml.backends.ckks import dry_run
     from privml.he.params import choose_params
 
     with module_scope(gm):
-        rt = dry_run(gm, plan.input_shape, layout)
+        rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion)
     breakdown = [(names, cost) for names, _, cost, _ in rt.log]
     max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
     try:
@@ -44,6 +44,7 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
         "poly_modulus_degree": params.poly_modulus_degree,
         "rotation_steps": sorted(rt.rotation_steps),
         "max_abs_value": max_abs,
+        "input_expansion": rt.expansion.to_dict() if rt.expansion is not None else None,
     })
     _levels_into_layers(plan, rt.log)
 

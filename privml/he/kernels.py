@@ -109,16 +109,20 @@ class DiagonalMatVec:
         for i in self.diagonals:
             sel = idx == i
             self._values[int(i)] = (rows[sel], w[rows[sel], cols[sel]])
-        self.k = _bsgs_split(self.diagonals, key_mode) if self.diagonals.size else 1
+        # Strided diagonal sets (a conv on an expanded input: multiples of 64) are split in units of their
+        # gcd, so baby steps rotate by `unit` and giant steps by k*unit instead of by 1 and k.
+        self.unit = int(np.gcd.reduce(np.abs(self.diagonals))) if np.any(self.diagonals) else 1
+        self.k = _bsgs_split(self.diagonals // self.unit, key_mode) if self.diagonals.size else 1
+        self.step = self.k * self.unit  # giant step in slots
         groups: dict[int, list[tuple[int, int]]] = {}
         for i in self.diagonals.tolist():
-            g, b = divmod(i, self.k)  # floor division: b in [0, k)
+            g, b = divmod(i // self.unit, self.k)  # floor division: b in [0, k)
             groups.setdefault(g, []).append((b, i))
         self._groups = sorted(groups.items())
         bs = {b for _, terms in self._groups for b, _ in terms}
         gs = {g for g, _ in self._groups}
-        self._babies = sorted(bs - {0})
-        self._giants = sorted({g * self.k for g in gs} - {0})
+        self._babies = sorted(b * self.unit for b in bs - {0})
+        self._giants = sorted({g * self.step for g in gs} - {0})
         self._baby_max = max(bs, default=0)
         self._g_lo, self._g_hi = min(min(gs, default=0), 0), max(max(gs, default=0), 0)
 
@@ -140,28 +144,28 @@ class DiagonalMatVec:
             return set(self._babies) | set(self._giants)
         steps = set()
         if self._baby_max:
-            steps.add(1)
+            steps.add(self.unit)
         if self._g_hi:
-            steps.add(self.k)
+            steps.add(self.step)
         if self._g_lo:
-            steps.add(-self.k)
+            steps.add(-self.step)
         return steps
 
     def _diag(self, g: int, i: int) -> np.ndarray:
         """Diagonal i as a slot vector, pre-rotated right by g*k."""
         rows, vals = self._values[i]
         vec = np.zeros(self.slots)
-        vec[(rows + g * self.k) % self.slots] = vals
+        vec[(rows + g * self.step) % self.slots] = vals
         return vec
 
     def _babies_of(self, ctx: CKKSContext, ct: Any) -> dict[int, Any]:
         baby = {0: ct}
         if self.key_mode == "direct":
             for b in self._babies:
-                baby[b] = ctx.rotate(ct, b)
+                baby[b // self.unit] = ctx.rotate(ct, b)
         else:
             for b in range(1, self._baby_max + 1):
-                baby[b] = ctx.rotate(baby[b - 1], 1)
+                baby[b] = ctx.rotate(baby[b - 1], self.unit)
         return baby
 
     def _inner(self, ctx: CKKSContext, baby: dict, g: int, terms: list, lvl: int, p: float) -> Any:
@@ -200,12 +204,12 @@ class DiagonalMatVec:
         baby = self._babies_of(ctx, ct) if self._groups else {}
         inner = {g: self._inner(ctx, baby, g, terms, lvl, p) for g, terms in self._groups}
         if self.key_mode == "direct":
-            parts = [v if g == 0 or v is None else ctx.rotate(v, g * self.k) for g, v in inner.items()]
+            parts = [v if g == 0 or v is None else ctx.rotate(v, g * self.step) for g, v in inner.items()]
         else:
             parts = [
                 inner.get(0),
-                self._horner(ctx, inner, range(1, self._g_hi + 1), self.k),
-                self._horner(ctx, inner, range(-1, self._g_lo - 1, -1), -self.k),
+                self._horner(ctx, inner, range(1, self._g_hi + 1), self.step),
+                self._horner(ctx, inner, range(-1, self._g_lo - 1, -1), -self.step),
             ]
         acc = None
         for part in parts:
