@@ -12,4 +12,5 @@ from privml.compile.validate import Problem, fix, validate
 from privml.session import Session
 
 __version__ = "0.1.0"
-__all__ = ["compile", "Session", "CompiledModel", "Plan", "Problem", "validate", "fix", "errors", "functional", "__version__"]
+__all__ = ["compile", "Session", "CompiledModel", "Plan", "Problem", "validate", "fix", "errors", "functional",
+           "__version__"]
