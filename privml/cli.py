@@ -146,7 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"[4/4] CKKS backend after approximation-aware fine-tuning ({args.finetune_config})", flush=True)
         tuned, _ = train_or_load(args.finetune_config)
         for layout, n, batch in (("throughput", len(x), len(x)), ("latency", min(len(x), args.latency_samples), 1)):
-            compiled = privml.compile(tuned, calib, backend="ckks", layout=layout)
+            # 14 fractional bits are plenty for argmax over logits and keep the ring at N=16384 (20 needs 32768)
+            compiled = privml.compile(tuned, calib, backend="ckks", layout=layout, precision_bits=14)
             params = compiled.plan.params
             print(f"      {layout} layout: depth {params['depth']}, N={params['poly_modulus_degree']}, "
                   f"{params['security_bits']}-bit security", flush=True)
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune-config", default="configs/finetune_digits_cnn.yaml",
                    help="approximation-aware fine-tuning config used for the CKKS runs")
     d.add_argument("--limit", type=int, help="use only the first N test images")
-    d.add_argument("--latency-samples", type=int, default=8, help="images for the (slower) latency-layout run")
+    d.add_argument("--latency-samples", type=int, default=4, help="images for the (slower) latency-layout run")
     d.add_argument("--quick", action="store_true", help="plain backend only (no MPC, no CKKS)")
     d.add_argument("--report-dir", default="artifacts/reports")
     return parser
