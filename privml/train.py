@@ -9,6 +9,7 @@ again without retraining. Checkpoints carry the inner model's ``class_path``/``i
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,9 @@ class ClassifierModule(L.LightningModule):
     """Trains any ``nn.Module`` classifier with cross-entropy; logs train/val loss, ``val_acc``, ``test_acc``.
 
     ``scheduler="cosine"`` anneals the learning rate to zero over ``trainer.max_epochs``, which makes
-    the last epoch's (checkpointed) weights stable on these small data sets.
+    the last epoch's (checkpointed) weights stable on these small data sets. ``range_weight > 0`` adds
+    the range penalty of the model's polynomial activations (``privml.nn.range_penalty``): inputs
+    leaving their calibrated intervals cost loss (approximation-aware fine-tuning).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
         scheduler: str = "none",
+        range_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -53,6 +57,8 @@ class ClassifierModule(L.LightningModule):
             raise InvalidInput(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         if lr <= 0 or weight_decay < 0:
             raise InvalidInput(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        if not range_weight >= 0:
+            raise InvalidInput(f"range_weight must be >= 0, got {range_weight}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         # How to rebuild ``model``: {"class_path": ..., "init_args": {...}}. The CLI fills it from the
@@ -70,6 +76,12 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss_acc(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        if self.hparams.get("range_weight", 0.0) > 0:  # polynomial activations: stay inside their intervals
+            from privml.nn import range_penalty
+
+            penalty = range_penalty(self.model)
+            self.log("range_penalty", penalty, on_step=False, on_epoch=True)
+            loss = loss + self.hparams.range_weight * penalty
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -330,6 +342,137 @@ def _fit_or_load(cli: LightningCLI, force: bool) -> tuple[nn.Module, PrivmlDataM
     if not ckpt.is_file():
         raise PrivmlError(f"training finished but wrote no checkpoint at {ckpt}")
     return cli.model.model, cli.datamodule
+
+
+# ------------------------------------------------------------------------------------------------
+# approximation-aware fine-tuning
+
+
+def _inputs(dataset: Dataset, limit: int | None = None) -> torch.Tensor:
+    """The inputs of a (x, y) dataset as one tensor (the first ``limit`` samples)."""
+    xs, n = [], 0
+    for x, _ in DataLoader(dataset, batch_size=256):
+        xs.append(x)
+        n += len(x)
+        if limit is not None and n >= limit:
+            break
+    return torch.cat(xs)[:limit]
+
+
+def _labelled(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*DataLoader(dataset, batch_size=256), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+_APPROX_OPTIONS = ("max_error", "accuracy_tolerance", "validation", "depth_budget", "degree", "margin", "percentile",
+                   "refresh_depth", "max_degree", "composites", "trainable")
+
+
+class ApproximatedModel(nn.Module):
+    """The trained model of training config ``config``, compiled by ``privml.compile`` for ``backend``.
+
+    Its activations are the polynomials the compiler chose (``degree``, or a budget: ``max_error``,
+    ``accuracy_tolerance`` on the validation split, ``depth_budget``), so Lightning can fine-tune the
+    network around them: this is how ``privml fit --config configs/finetune_lenet5.yaml`` does
+    approximation-aware training. ``train_coefficients`` also trains the polynomials' coefficients;
+    ``clamp`` clamps their inputs into the calibrated intervals while training. Compile the result
+    again for encrypted use (``privml compile --config ...`` does: the polynomials are kept).
+    """
+
+    def __init__(
+        self,
+        config: str,
+        backend: str = "ckks",
+        degree: int | None = None,
+        max_error: float | None = None,
+        accuracy_tolerance: float | None = None,
+        depth_budget: int | None = None,
+        calib: int = 512,
+        margin: float = 0.1,
+        train_coefficients: bool = False,
+        clamp: bool = True,
+    ) -> None:
+        super().__init__()
+        from privml.compile.calibrate import calibrate
+        from privml.compile.choose import apply_choice, choose
+        from privml.compile.validate import fix
+        from privml.nn import set_trainable
+
+        if backend not in ("ckks", "hybrid"):
+            raise InvalidInput(f"ApproximatedModel: backend must be 'ckks' or 'hybrid' (where activations become "
+                               f"polynomials), got {backend!r}")
+        path = Path(config)
+        if not path.is_file() and (Path(__file__).resolve().parents[1] / config).is_file():
+            path = Path(__file__).resolve().parents[1] / config  # relative to the repository, from anywhere
+        base, dm = train_or_load(path)
+        x = _inputs(dm.train_set, calib)
+        options: dict[str, Any] = {"degree": degree, "max_error": max_error, "depth_budget": depth_budget,
+                                   "accuracy_tolerance": accuracy_tolerance, "margin": margin}
+        if accuracy_tolerance is not None:
+            options["validation"] = _labelled(dm.val_set)
+        options = {k: v for k, v in options.items() if v is not None}
+        if not any(k in options for k in ("degree", "max_error", "depth_budget", "accuracy_tolerance")):
+            options["degree"] = 4
+        # the approximation part of privml.compile (no CKKS parameters yet: compile the fine-tuned model for those)
+        gm, _ = fix(base, x[:64])
+        choice = choose(gm, calibrate(gm, [x]), backend, x, **options)
+        apply_choice(gm, choice)
+        # train mode: Lightning keeps each submodule's mode, and the range penalty is recorded in training only
+        self.module = set_trainable(gm.train(), coefficients=train_coefficients, clamp=clamp)
+        self.choice = {k: v for k, v in choice.summary().items() if k != "targets"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def finetune(
+    model: nn.Module,
+    datamodule: L.LightningDataModule,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    range_weight: float = 1.0,
+    train_coefficients: bool = False,
+    clamp: bool = True,
+    optimizer: str = "adam",
+    seed: int = 0,
+    max_steps: int = -1,
+) -> nn.Module:
+    """Fine-tune a compiled model (or any module holding ``privml.nn`` polynomial activations) with Lightning.
+
+    Approximation-aware training: the network's weights (and the coefficients with
+    ``train_coefficients``) adapt to the polynomials standing in for the activations, with the
+    range penalty (weight ``range_weight``) keeping the activations' inputs inside the intervals
+    the polynomials were fitted on, and ``clamp`` clamping them there while training. Given a
+    ``CompiledModel`` it returns a new one, compiled again for the same backend and options on
+    the training inputs (fresh ranges and plan); given a module, the fine-tuned module.
+    """
+    import privml
+    from privml.compile.api import CompiledModel
+    from privml.nn import APPROX_MODULES, set_trainable
+
+    compiled = model if isinstance(model, CompiledModel) else None
+    net = copy.deepcopy(compiled.module if compiled is not None else model)
+    if not any(isinstance(m, APPROX_MODULES) for m in net.modules()):
+        raise InvalidInput("finetune: the model has no polynomial activations to adapt to; compile it first "
+                           "(privml.compile(model, calib, backend='ckks')) and pass the compiled model")
+    if epochs < 1 and max_steps < 1:
+        raise InvalidInput(f"finetune: need epochs >= 1 (or max_steps >= 1), got epochs={epochs}")
+    set_trainable(net.train(), coefficients=train_coefficients, clamp=clamp)  # train mode: penalty and clamp
+    module = ClassifierModule(net, lr=lr, optimizer=optimizer, range_weight=range_weight)
+    with _quiet():
+        L.seed_everything(seed, verbose=False)
+        trainer = L.Trainer(max_epochs=max(epochs, 1), max_steps=max_steps, accelerator="cpu", devices=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
+                            limit_val_batches=0)
+        trainer.fit(module, datamodule=datamodule)
+    net = set_trainable(net.cpu().eval(), coefficients=False, clamp=False)
+    if compiled is None:
+        return net
+    plan = compiled.plan
+    options = {k: v for k, v in plan.options.items() if k not in _APPROX_OPTIONS}
+    datamodule.setup()
+    return privml.compile(net, _inputs(datamodule.train_set, 512), backend=plan.backend, **options)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Replace non-polynomial activations with ``PolyActivation`` modules fitted on calibrated intervals.
+"""Find the activations of a captured graph, their calibrated intervals, and swap in approximations.
 
 Works on the captured graph, so both activation modules (``nn.ReLU``) and
-functional calls inside ``forward`` (``F.relu``) are replaced. The per-activation
-choice of degree is a parameter here; the budgeted choice lives in the planner.
+functional calls inside ``forward`` (``F.relu``) are found and replaced. Which
+approximation each activation gets is decided in :mod:`privml.compile.choose`;
+:func:`approximate_activations` is the fixed-degree special case.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from privml.compile.calibrate import RangeStats
 from privml.compile.capture import node_label
-from privml.errors import CalibrationError
+from privml.errors import CalibrationError, InvalidInput
 from privml.nn import PolyActivation
 
 MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
@@ -58,8 +59,20 @@ def _kind_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, dict] |
     return None
 
 
-def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: float = 0.1) -> list[ActivationSite]:
-    """Every non-polynomial activation with its input interval widened by ``margin`` of its width."""
+def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: float = 0.1,
+                     percentile: tuple[float, float] | None = None) -> list[ActivationSite]:
+    """Every non-polynomial activation with its input interval widened by ``margin`` of its width.
+
+    The interval is the calibrated [min, max] of the activation's input, or with ``percentile``
+    = (low, high) (in percent, e.g. (0.1, 99.9)) those percentiles of it: tighter, so a cheaper
+    polynomial fits, at the price of rare inputs outside the interval (counted by the modules).
+    """
+    if margin < 0 or not math.isfinite(margin):
+        raise InvalidInput(f"privml: margin must be a finite number >= 0, got {margin!r}")
+    if percentile is not None:
+        qs = tuple(float(q) for q in percentile)
+        if len(qs) != 2 or not 0.0 <= qs[0] < qs[1] <= 100.0:
+            raise InvalidInput(f"privml: percentile must be (low, high) with 0 <= low < high <= 100, got {percentile}")
     modules = dict(gm.named_modules())
     sites = []
     for node in gm.graph.nodes:
@@ -72,18 +85,25 @@ def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: f
         if st is None:
             raise CalibrationError(f"privml: no calibrated range for the input of activation '{label}'")
         lo, hi = st.lo, st.hi
+        if percentile is not None and math.isfinite(lo) and math.isfinite(hi):
+            lo, hi = st.percentiles(qs)
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise CalibrationError(f"privml: activation '{label}' has a non-finite calibrated range [{lo}, {hi}]")
+            raise CalibrationError(f"privml: activation '{label}' has a non-finite calibrated range [{lo}, {hi}]: "
+                                   "calibrate with finite data, or fix the layer producing inf/NaN")
         width = hi - lo
         if width <= 1e-9 * max(1.0, abs(hi)):
             raise CalibrationError(f"privml: activation '{label}' saw a constant input ({lo:.4g}) on the "
-                                   "calibration data: the interval is degenerate. Calibrate with more varied data.")
+                                   "calibration data: the interval is degenerate. Calibrate with more varied data"
+                                   + (" or a wider percentile range." if percentile is not None else "."))
         sites.append(ActivationSite(node, label, found[0], found[1], lo - margin * width, hi + margin * width))
     return sites
 
 
-def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Module) -> None:
-    """Put ``module`` in place of ``site`` (module swap, or a new submodule for a functional call)."""
+def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Module) -> str:
+    """Put ``module`` in place of ``site`` (module swap, or a new submodule for a functional call).
+
+    Returns the name of the graph node that now calls ``module``.
+    """
     node = site.node
     if node.op == "call_module":
         parent, _, attr = str(node.target).rpartition(".")
@@ -91,6 +111,7 @@ def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Modu
         name = f"{attr}_poly_{node.name}" if _call_count(gm, node.target) > 1 else attr
         setattr(gm.get_submodule(parent) if parent else gm, name, module)
         node.target = f"{parent}.{name}" if parent else name
+        new = node
     else:
         name = f"privml_poly_{node.name}"
         gm.add_submodule(name, module)
@@ -100,6 +121,7 @@ def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Modu
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+    return new.name
 
 
 def _call_count(gm: fx.GraphModule, target: object) -> int:
@@ -108,7 +130,10 @@ def _call_count(gm: fx.GraphModule, target: object) -> int:
 
 def approximate_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], degree: int = 4,
                             margin: float = 0.1, method: str = "remez") -> list[str]:
-    """Replace every activation by a degree-``degree`` fit on its calibrated interval; returns what was done."""
+    """Replace every activation by a degree-``degree`` fit on its calibrated interval; returns what was done.
+
+    The fixed-degree special case; ``privml.compile`` goes through :func:`privml.compile.choose.choose`.
+    """
     from privml.compile.poly import fit_activation
 
     done = []

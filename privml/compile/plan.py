@@ -47,6 +47,8 @@ class LayerPlan:
     depth: int | None = 0
     level: int | None = 0
     est_error: float = 0.0
+    cost: dict[str, Any] | None = None  # approximation costs (CKKS depth/products, MPC rounds/bytes, ...)
+    spec: dict[str, Any] | None = None  # the chosen approximation in full (kind, stages, coefficients, errors)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerPlan:
@@ -144,7 +146,7 @@ class Plan:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         if self.params:
-            lines.append("params: " + ", ".join(f"{k}={v}" for k, v in self.params.items()))
+            lines.append("params: " + ", ".join(f"{k}={_short(v)}" for k, v in self.params.items()))
         if self.fixes:
             lines.append("fixes: " + "; ".join(self.fixes))
         if self.predicted:
@@ -153,6 +155,15 @@ class Plan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _short(v: Any) -> str:
+    """Parameter values for the table: long lists and nested dicts summarised, not dumped."""
+    if isinstance(v, (list, tuple)) and len(v) > 16:
+        return f"[{len(v)} items]"
+    if isinstance(v, dict) and len(str(v)) > 160:
+        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items() if not isinstance(x, (list, dict))) + ", ...}"
+    return str(v)
 
 
 def describe_module(mod: nn.Module) -> str:
@@ -170,9 +181,9 @@ def _node_cost(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, 
     if node.op == "call_module":
         mod = modules[node.target]
         desc = describe_module(mod)
-        degree = getattr(mod, "degree", None)
-        if degree is not None:  # privml.nn polynomial activation
-            return desc, "activation", max(1, math.ceil(math.log2(degree + 1)))
+        depth = getattr(mod, "depth", None)
+        if hasattr(mod, "source") and isinstance(depth, int):  # privml.nn approximation (its own CKKS depth)
+            return desc, "activation", depth
         if isinstance(mod, _LINEAR_TYPES):
             return desc, "linear", 1
         if isinstance(mod, _FREE_TYPES):
