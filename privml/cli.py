@@ -49,6 +49,9 @@ def _compile_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["layout"] = args.layout
     if getattr(args, "degree", None):
         opts["degree"] = args.degree
+    for name in ("max_error", "accuracy_tolerance", "depth_budget", "precision_bits"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
     return opts
 
 
@@ -80,8 +83,10 @@ def _compile_from_config(args: argparse.Namespace) -> tuple[Any, torch.nn.Module
 
     model, dm = train_or_load(args.config)
     calib, _ = _tensors(dm.train_set, args.calib)
-    compiled = privml.compile(model, calib, backend=args.backend, replace_maxpool=args.replace_maxpool,
-                              **_compile_options(args))
+    options = _compile_options(args)
+    if "accuracy_tolerance" in options:
+        options["validation"] = _tensors(dm.val_set)
+    compiled = privml.compile(model, calib, backend=args.backend, replace_maxpool=args.replace_maxpool, **options)
     return compiled, model, dm
 
 
@@ -185,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=DEFAULT_CONFIG, help="training config (trains if no checkpoint yet)")
         p.add_argument("--backend", default="plain", choices=BACKEND_CHOICES)
         p.add_argument("--layout", default="latency", choices=("latency", "throughput"))
-        p.add_argument("--degree", type=int, help="polynomial degree for approximated activations")
+        p.add_argument("--degree", type=int, help="one polynomial degree for every approximated activation")
+        p.add_argument("--max-error", type=float, help="budget: max approximation error per activation")
+        p.add_argument("--accuracy-tolerance", type=float,
+                       help="budget: allowed accuracy drop on the validation split (e.g. 0.01)")
+        p.add_argument("--depth-budget", type=int, help="budget: total multiplicative depth")
+        p.add_argument("--precision-bits", type=int, help="CKKS fractional precision the parameters must keep")
         p.add_argument("--calib", type=int, default=512, help="calibration samples from the training split")
         p.add_argument("--replace-maxpool", action="store_true")
         if name == "compile":

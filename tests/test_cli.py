@@ -42,3 +42,13 @@ def test_eval_writes_report(tmp_path, capsys: pytest.CaptureFixture) -> None:
 def test_privml_errors_exit_cleanly(capsys: pytest.CaptureFixture) -> None:
     rc = main(["compile", "--config", "configs/does_not_exist.yaml"])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_compile_with_a_budget(tmp_path) -> None:
+    out_path = tmp_path / "plan.json"
+    rc = main(["compile", "--config", "configs/breast_cancer_mlp.yaml", "--backend", "ckks", "--max-error", "0.05",
+               "--out", str(out_path)])
+    assert rc == 0
+    plan = json.loads(out_path.read_text())
+    rows = [r for r in plan["layers"] if r["degree"]]
+    assert rows and all(r["est_error"] <= 0.05 for r in rows)
