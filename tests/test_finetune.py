@@ -112,14 +112,14 @@ def test_privml_fit_config_fine_tunes_an_approximated_model(tmp_path: Path) -> N
     model = load_model_from_checkpoint(root / "checkpoints" / "model.ckpt")
     assert isinstance(model, ApproximatedModel)
     polys = [m for m in model.modules() if isinstance(m, PolyActivation)]
-    assert len(polys) == 3 and all(p.degree == 2 for p in polys)
+    assert len(polys) == 3 and all(p.degree == cfg["model"]["model"]["init_args"]["degree"] for p in polys)
     dm = PrivmlDataModule("digits", seed=0)
     dm.setup()
     (xtr, _), (xte, yte) = dm.train_set.tensors, dm.test_set.tensors
     assert accuracy(model, xte, yte) > 0.8
     # compiling the fine-tuned model keeps its polynomials (nothing left to approximate)
     compiled = privml.compile(model, xtr[:256], backend="ckks", layout="throughput")
-    assert [r.degree for r in compiled.plan.layers if r.kind == "activation"] == [2, 2, 2]
+    assert [r.degree for r in compiled.plan.layers if r.kind == "activation"] == [p.degree for p in polys]
     assert accuracy(compiled, xte, yte) == pytest.approx(accuracy(model, xte, yte))
 
 
