@@ -40,14 +40,7 @@ from privml.compile.validate import fix
 from privml.errors import BudgetError, CalibrationError, InvalidInput
 from privml.nn import APPROX_MODULES
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and kinder to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ACTIVATIONS = [("relu", {}), ("leaky_relu", {"slope": 0.1}), ("gelu", {}), ("silu", {}), ("sigmoid", {}),

@@ -18,14 +18,7 @@ from privml.nn import (
     set_trainable,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and kinder to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def composite_module(lo: float, hi: float, degrees=(7, 7), eps=2.0**-6, slope: float = 0.0) -> tuple:
