@@ -91,6 +91,10 @@ def test_tampered_and_truncated_requests(setup) -> None:
             session.backend.loads(bad)
     with pytest.raises(MalformedInput):
         session.backend.loads("not bytes")
+    edited = request.replace(b'"shape": [2, 6]', b'"shape": [2, 5]', 1)  # same ciphertexts, forged shape
+    assert edited != request
+    with pytest.raises(MalformedInput, match="checksum"):
+        session.backend.loads(edited)
 
 
 def _mutations(data: bytes, n: int, seed: int):

@@ -25,6 +25,8 @@ model needs before any key exists.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from collections.abc import Callable
@@ -538,7 +540,13 @@ def dumps(t: CKKSTensor) -> bytes:
     header = json.dumps({"shape": list(t.shape), "layout": t.layout,
                          "expanded": isinstance(t.payload, ExpandedInput)}).encode()
     body = dump_ciphertexts(t.runtime.ctx, list(t.payload))
-    return _TENSOR_MAGIC + struct.pack("<HI", _TENSOR_VERSION, len(header)) + header + body
+    data = _TENSOR_MAGIC + struct.pack("<HI", _TENSOR_VERSION, len(header)) + header + body
+    return data + _digest(data)
+
+
+def _digest(data: bytes) -> bytes:
+    """Checksum over header and body, so an edited header (e.g. a shape) cannot pass with intact ciphertexts."""
+    return hashlib.blake2b(data, digest_size=32, person=b"privml-ct-v1").digest()
 
 
 def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
@@ -548,8 +556,11 @@ def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedInput(f"privml: expected bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < 14 or data[:8] != _TENSOR_MAGIC:
-        raise MalformedInput("privml: not a privml encrypted tensor (bad magic)")
+    if len(data) < 14 + 32 or data[:8] != _TENSOR_MAGIC:
+        raise MalformedInput("privml: not a privml encrypted tensor (bad magic or truncated)")
+    data, digest = data[:-32], data[-32:]
+    if not hmac.compare_digest(_digest(data), digest):
+        raise MalformedInput("privml: encrypted tensor bytes fail their checksum (truncated or modified)")
     version, hlen = struct.unpack("<HI", data[8:14])
     if version != _TENSOR_VERSION:
         raise MalformedInput(f"privml: encrypted tensor format version {version}, expected {_TENSOR_VERSION}")
