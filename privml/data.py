@@ -88,6 +88,16 @@ def load_breast_cancer_split(seed: int = 0, test_size: float = 0.25) -> tuple[Te
     return pack(x_train, y_train), pack(x_test, y_test)
 
 
+def _require_files(folder: Path, names: Any, download: bool, what: str, loader: str, manual: str) -> None:
+    """Clear error naming the missing files and both ways to get them (nothing downloads unless asked)."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing and not download:
+        raise InvalidInput(
+            f"{what} files missing under {folder}: {', '.join(missing)}. Pass download=True "
+            f"(privml.data.{loader}(root, train, download=True)) or {manual}."
+        )
+
+
 def load_mnist(root: str | Path, train: bool, download: bool = False) -> TensorDataset:
     """MNIST from ``root/MNIST/raw/`` (uncompressed idx-ubyte files) as (N, 1, 28, 28) float32 in [0, 1].
 
@@ -99,13 +109,9 @@ def load_mnist(root: str | Path, train: bool, download: bool = False) -> TensorD
 
     raw = Path(root) / "MNIST" / "raw"
     names = _MNIST_FILES[bool(train)]
-    missing = [name for name in names if not (raw / name).is_file()]
-    if missing and not download:
-        raise InvalidInput(
-            f"MNIST files missing under {raw}: {', '.join(missing)}. Pass download=True "
-            f"(privml.data.load_mnist(root, train, download=True)) or put the uncompressed idx-ubyte files "
-            f"from https://yann.lecun.com/exdb/mnist/ (gunzipped) into {raw}."
-        )
+    _require_files(raw, names, download, "MNIST", "load_mnist",
+                   "put the uncompressed idx-ubyte files from https://yann.lecun.com/exdb/mnist/ (gunzipped) "
+                   f"into {raw}")
     try:
         ds = torchvision.datasets.MNIST(str(root), train=bool(train), download=download)
         images, labels = ds.data, ds.targets
@@ -175,13 +181,8 @@ def load_cifar10(root: str | Path, train: bool, download: bool = False) -> Tenso
 
     folder = Path(root) / _CIFAR_DIR
     names = _CIFAR_FILES[bool(train)]
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing and not download:
-        raise InvalidInput(
-            f"CIFAR-10 files missing under {folder}: {', '.join(missing)}. Pass download=True "
-            f"(privml.data.load_cifar10(root, train, download=True)) or extract cifar-10-python.tar.gz "
-            f"from https://www.cs.toronto.edu/~kriz/cifar.html into {root}."
-        )
+    _require_files(folder, names, download, "CIFAR-10", "load_cifar10",
+                   f"extract cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into {root}")
     try:
         ds = torchvision.datasets.CIFAR10(str(root), train=bool(train), download=download)
         data = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))  # NHWC -> NCHW
