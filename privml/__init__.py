@@ -5,10 +5,10 @@ lazily: importing privml loads neither TenSEAL nor CrypTen.
 """
 
 from privml import errors, functional
-from privml.compile.api import CompiledModel
-from privml.compile.api import compile as compile  # noqa: PLW0622 - the public name is `privml.compile`
-from privml.compile.plan import Plan
-from privml.compile.validate import Problem, fix, validate
+from privml.compiler.api import CompiledModel
+from privml.compiler.api import compile as compile  # noqa: PLW0622 - the public name is `privml.compile`
+from privml.compiler.plan import Plan
+from privml.compiler.validate import Problem, fix, validate
 from privml.session import Session
 
 __version__ = "0.1.0"

@@ -56,7 +56,7 @@ def _compile_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from privml.compile.validate import errors, fix, validate
+    from privml.compiler.validate import errors, fix, validate
 
     model = _load_model(args.model, args.init_args)
     problems = validate(model, args.backend)

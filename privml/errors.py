@@ -6,6 +6,8 @@ Users catch ``PrivmlError``; each subclass names a kind of problem so callers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class PrivmlError(Exception):
     """Base class of every error privml raises deliberately."""
@@ -19,10 +21,30 @@ class UnsupportedOperation(PrivmlError, NotImplementedError):
     """A private tensor met an op its backend has no implementation for."""
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing standing between a model and private execution.
+
+    ``severity``: "error" (cannot run as is), "fixable" (``fix`` repairs it without
+    changing the function), "warning" (runs, but with a caveat) or "info".
+    """
+
+    name: str
+    kind: str
+    message: str
+    fix: str | None = None
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = self.name or "<root>"
+        text = f"[{self.severity}] {where}: {self.message}"
+        return text + (f" Fix: {self.fix}" if self.fix else "")
+
+
 class UnsupportedModule(PrivmlError):
     """A model cannot be compiled as it is; ``problems`` lists every issue found.
 
-    Each problem is a :class:`privml.compile.validate.Problem` with the module's
+    Each problem is a :class:`Problem` with the module's
     qualified name and, where one exists, a fix.
     """
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from privml.compile.api import CompiledModel
+from privml.compiler.api import CompiledModel
 from privml.report import EvalReport, environment
 from privml.session import Session
 

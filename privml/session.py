@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from privml.backends import load_backend
-from privml.compile.api import check_input
-from privml.compile.plan import Plan
+from privml.compiler.api import check_input
+from privml.compiler.plan import Plan
 from privml.errors import InvalidInput, RangeViolation
 from privml.tensor import PrivateTensor
 

@@ -393,9 +393,9 @@ class ApproximatedModel(nn.Module):
         clamp: bool = True,
     ) -> None:
         super().__init__()
-        from privml.compile.calibrate import calibrate
-        from privml.compile.choose import apply_choice, choose
-        from privml.compile.validate import fix
+        from privml.compiler.calibrate import calibrate
+        from privml.compiler.choose import apply_choice, choose
+        from privml.compiler.validate import fix
         from privml.nn import set_trainable
 
         if backend not in ("ckks", "hybrid"):
@@ -447,7 +447,7 @@ def finetune(
     the training inputs (fresh ranges and plan); given a module, the fine-tuned module.
     """
     import privml
-    from privml.compile.api import CompiledModel
+    from privml.compiler.api import CompiledModel
     from privml.nn import APPROX_MODULES, set_trainable
 
     compiled = model if isinstance(model, CompiledModel) else None

@@ -15,6 +15,6 @@ echo "privml setup: creating .venv with $($PY --version)"
 # CrypTen 0.4.1's metadata asks for the withdrawn `sklearn` package: install it without deps;
 # its real needs (omegaconf, onnx, pyyaml) come from pyproject.toml.
 .venv/bin/python -m pip install -q --no-deps crypten==0.4.1
-.venv/bin/python -c "import privml, tenseal; from privml.mpc.compat import import_crypten; import_crypten()"
+.venv/bin/python -c "import privml, tenseal; from privml.parties.compat import import_crypten; import_crypten()"
 touch "$STAMP"
 echo "privml setup: done"

@@ -99,6 +99,6 @@ def test_import_privml_loads_no_crypto_library() -> None:
 
 
 def test_compile_is_callable_after_importing_submodules() -> None:
-    import privml.compile.plan  # noqa: F401
+    import privml.compiler.plan  # noqa: F401
 
     assert callable(privml.compile)

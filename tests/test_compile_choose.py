@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 import privml
 from models.digits import DigitsCNN
 from models.resnet import SmallResNet
-from privml.compile.approx import ActivationSite
-from privml.compile.calibrate import calibrate
-from privml.compile.choose import (
+from privml.compiler.approx import ActivationSite
+from privml.compiler.calibrate import calibrate
+from privml.compiler.choose import (
     MPC_PRODUCT_BYTES,
     MPC_RELU_BYTES,
     MPC_RELU_ROUNDS,
@@ -36,7 +36,7 @@ from privml.compile.choose import (
     graph_cost,
     mpc_poly_cost,
 )
-from privml.compile.validate import fix
+from privml.compiler.validate import fix
 from privml.errors import BudgetError, CalibrationError, InvalidInput
 from privml.nn import APPROX_MODULES
 
@@ -217,7 +217,7 @@ def test_mpc_cost_model_matches_the_mpc_backend_schedule_and_crypten() -> None:
         products = sum(len(r) for r in power_schedule(d))
         assert MPC_PRODUCT_BYTES // 2 * products <= nbytes <= MPC_PRODUCT_BYTES * products
     # measured constants: one exact ReLU and one product between two real CrypTen parties
-    from privml.mpc.launcher import run_parties
+    from privml.parties.launcher import run_parties
 
     measured = run_parties(_measure_relu_and_product, 2, timeout=120)
     for costs in measured:
@@ -226,8 +226,8 @@ def test_mpc_cost_model_matches_the_mpc_backend_schedule_and_crypten() -> None:
 
 
 def _measure_relu_and_product(ctx: object) -> dict:
-    from privml.mpc.compat import import_crypten
-    from privml.mpc.costs import CostMeter
+    from privml.parties.compat import import_crypten
+    from privml.parties.costs import CostMeter
 
     crypten = import_crypten()
     x = crypten.cryptensor(torch.randn(10), src=0)

@@ -22,7 +22,7 @@ import privml
 from privml import functional as PF
 from privml.backends.mpc import MPCTensor, PartyRuntime, check_fixed_point, power_schedule
 from privml.errors import InvalidInput, RangeViolation, UnsupportedOperation
-from privml.mpc.launcher import run_parties
+from privml.parties.launcher import run_parties
 
 LINEAR_TOL = {"atol": 2e-3, "rtol": 1e-3}
 EXACT_TOL = {"atol": 1e-4, "rtol": 0}

@@ -36,7 +36,7 @@ def test_shim_makes_crypten_importable_and_is_idempotent():
         old = "torch.onnx._internal.registration"
         new = "torch.onnx._internal.torchscript_exporter.registration"
         had_old = importlib.util.find_spec(old) is not None
-        from privml.mpc.compat import apply_torch_onnx_shim, import_crypten
+        from privml.parties.compat import apply_torch_onnx_shim, import_crypten
         first = apply_torch_onnx_shim()
         second = apply_torch_onnx_shim()          # idempotent: nothing left to do
         import crypten                            # the plain import now works
@@ -88,7 +88,7 @@ def test_missing_install_raises_backend_unavailable_with_commands(blocked):
     out = last_json(run_python(BLOCKER.format(blocked=blocked) + """
     import json
     from privml.errors import BackendUnavailable, PrivmlError
-    from privml.mpc.compat import import_crypten
+    from privml.parties.compat import import_crypten
     try:
         import_crypten()
         result = {"raised": None}
@@ -108,7 +108,7 @@ def test_run_parties_without_crypten_fails_fast_in_the_parent():
     out = last_json(run_python(BLOCKER.format(blocked="crypten") + """
     import json
     from privml.errors import BackendUnavailable
-    from privml.mpc.launcher import run_parties
+    from privml.parties.launcher import run_parties
     try:
         run_parties(print, 2, timeout=5)
         result = {"raised": None}
@@ -123,7 +123,7 @@ def test_run_parties_without_crypten_fails_fast_in_the_parent():
 def test_importing_privml_never_imports_crypten_or_tenseal():
     out = last_json(run_python("""
         import json, sys
-        import privml, privml.mpc, privml.mpc.compat, privml.mpc.launcher, privml.mpc.costs
+        import privml, privml.mpc, privml.parties.compat, privml.parties.launcher, privml.parties.costs
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("crypten", "tenseal"))
         print(json.dumps({"loaded": loaded}))
     """))

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import privml
-from privml.compile.choose import MPC_RELU_ROUNDS, mpc_poly_cost
+from privml.compiler.choose import MPC_RELU_ROUNDS, mpc_poly_cost
 from privml.nn import PolyActivation
 
 

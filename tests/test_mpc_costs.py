@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from privml.errors import InvalidInput, PrivmlError
-from privml.mpc.compat import import_crypten
-from privml.mpc.costs import CostMeter, combine_summaries
-from privml.mpc.launcher import PartyContext, run_parties
+from privml.parties.compat import import_crypten
+from privml.parties.costs import CostMeter, combine_summaries
+from privml.parties.launcher import PartyContext, run_parties
 
 SIZES = (10, 100)
 

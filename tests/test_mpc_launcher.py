@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from privml.errors import InvalidInput, PartyFailure
-from privml.mpc.compat import import_crypten
-from privml.mpc.launcher import PartyContext, agree, join_party, model_digest, run_parties
+from privml.parties.compat import import_crypten
+from privml.parties.launcher import PartyContext, agree, join_party, model_digest, run_parties
 
 REPO = Path(__file__).resolve().parents[1]
 # CrypTen encodes with 16 fractional bits: a sum of k shares is exact to ~k * 2**-16, and a
@@ -173,8 +173,8 @@ def test_model_digest_sees_shapes_not_weights():
 
 JOIN_SCRIPT = """
     import json, torch
-    from privml.mpc.compat import import_crypten
-    from privml.mpc.launcher import join_party
+    from privml.parties.compat import import_crypten
+    from privml.parties.launcher import join_party
 
     def party(ctx):
         crypten = import_crypten()

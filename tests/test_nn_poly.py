@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import privml
-from privml.compile.poly import composite_sign, fit_activation, relu_from_sign
+from privml.compiler.poly import composite_sign, fit_activation, relu_from_sign
 from privml.nn import (
     CompositeRelu,
     PolyActivation,

@@ -1,4 +1,4 @@
-"""Tests of privml.compile.poly: fits, stated errors, composite sign, costs, serialization, errors.
+"""Tests of privml.compiler.poly: fits, stated errors, composite sign, costs, serialization, errors.
 
 Every error claim is re-measured here on grids of the test's own (uniform, random and
 geometric points), independent of the grids the module uses.
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as npcheb
 from numpy.polynomial import polynomial as nppoly
 
-from privml.compile import poly as P
+from privml.compiler import poly as P
 from privml.errors import BudgetError, CalibrationError, InvalidInput, MalformedInput, RangeViolation
 from privml.functional import polyval
 

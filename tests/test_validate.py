@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import privml
-from privml.compile.validate import errors, fix, validate
+from privml.compiler.validate import errors, fix, validate
 from privml.errors import UnsupportedModule
 
 

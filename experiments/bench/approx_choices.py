@@ -46,10 +46,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import privml  # noqa: E402
 from privml.backends.ckks import dry_run  # noqa: E402
-from privml.compile.approx import find_activations, replace_activation  # noqa: E402
-from privml.compile.calibrate import calibrate  # noqa: E402
-from privml.compile.poly import composite_sign, fit_activation  # noqa: E402
-from privml.compile.validate import fix  # noqa: E402
+from privml.compiler.approx import find_activations, replace_activation  # noqa: E402
+from privml.compiler.calibrate import calibrate  # noqa: E402
+from privml.compiler.poly import composite_sign, fit_activation  # noqa: E402
+from privml.compiler.validate import fix  # noqa: E402
 from privml.errors import DepthExhausted  # noqa: E402
 from privml.he.params import HE_STANDARD_128, max_depth  # noqa: E402
 from privml.nn import CompositeRelu, PolyActivation  # noqa: E402

@@ -13,7 +13,7 @@ slowest party. Bytes are whole-system bytes per inference (sum over parties / 2)
 
 privml variants: "exact" (CrypTen's comparison-based ReLU, like native), "poly-d" (every ReLU
 replaced by the degree-d minimax fit on its calibrated interval from
-``privml.compile.poly.fit_activation``, via ``privml.compile.approx.approximate_activations``) and
+``privml.compiler.poly.fit_activation``, via ``privml.compiler.approx.approximate_activations``) and
 "poly-d+ft" (the same polynomials after approximation-aware fine-tuning of weights and coefficients
 on the training split: same degree, same MPC cost; the fine-tuning settings were chosen by looking
 at test accuracy, there is no separate validation split). Accuracy is measured on the whole test
@@ -41,10 +41,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from experiments.bench.native_crypten import _legacy_onnx_export  # noqa: E402
 from privml.backends.mpc import PartyRuntime  # noqa: E402
-from privml.mpc.compat import import_crypten  # noqa: E402
-from privml.mpc.costs import combine_summaries  # noqa: E402
-from privml.mpc.launcher import PartyContext, run_parties  # noqa: E402
 from privml.mpc.roles import share_module  # noqa: E402
+from privml.parties.compat import import_crypten  # noqa: E402
+from privml.parties.costs import combine_summaries  # noqa: E402
+from privml.parties.launcher import PartyContext, run_parties  # noqa: E402
 from privml.tensor import module_scope  # noqa: E402
 
 MODEL_OWNER, DATA_OWNER = 0, 1
@@ -100,8 +100,8 @@ def variants(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], degrees
              finetune_epochs: int) -> dict[str, nn.Module]:
     """privml's compiled model ("exact") and, per degree, the polynomial-ReLU model as fitted and fine-tuned."""
     import privml
-    from privml.compile.approx import approximate_activations
-    from privml.compile.calibrate import calibrate
+    from privml.compiler.approx import approximate_activations
+    from privml.compiler.calibrate import calibrate
 
     calib = train[0][:256]
     compiled = privml.compile(model, calib, backend="mpc")

@@ -9,7 +9,7 @@ the reference privml's MPC backend is compared against. Run it as
 
 Latency covers sharing the input, the forward pass and opening the output (not the one-off
 model import/encryption, reported as ``setup_s``). Bytes are whole-system bytes per
-inference (sum over parties / 2, see privml.mpc.costs), rounds are per party.
+inference (sum over parties / 2, see privml.parties.costs), rounds are per party.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from privml.mpc.compat import import_crypten  # noqa: E402
-from privml.mpc.costs import CostMeter, combine_summaries  # noqa: E402
-from privml.mpc.launcher import PartyContext, run_parties  # noqa: E402
+from privml.parties.compat import import_crypten  # noqa: E402
+from privml.parties.costs import CostMeter, combine_summaries  # noqa: E402
+from privml.parties.launcher import PartyContext, run_parties  # noqa: E402
 
 
 @contextlib.contextmanager

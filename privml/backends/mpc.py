@@ -122,8 +122,8 @@ class PartyRuntime:
     """
 
     def __init__(self, meter: bool = True) -> None:
-        from privml.mpc.compat import import_crypten
-        from privml.mpc.costs import CostMeter
+        from privml.parties.compat import import_crypten
+        from privml.parties.costs import CostMeter
 
         self.crypten = import_crypten()
         if not self.crypten.is_initialized():
@@ -811,8 +811,8 @@ class Program:
             own = {"input": self.x if r == b.data_party else None,
                    "constants": consts if b.weight_party in (None, r) else None}
             rank_args.append((own,))
-        from privml.mpc.costs import combine_summaries
-        from privml.mpc.launcher import run_parties
+        from privml.parties.costs import combine_summaries
+        from privml.parties.launcher import run_parties
 
         results = run_parties(_replay_party, b.parties, (skeleton,), timeout=b.timeout, ttp=b.ttp,
                               roles=b.roles, rank_args=rank_args)
@@ -846,7 +846,7 @@ def _resolve(rt: PartyRuntime, template: Any, env: dict[int, MPCTensor], consts:
 
 def _replay_party(ctx: Any, skeleton: dict, own: dict) -> dict:
     """Party side of :meth:`Program.run`: share input and weights, replay every step, open the output."""
-    from privml.mpc.launcher import agree
+    from privml.parties.launcher import agree
 
     h = hashlib.sha256(repr([(s.name, s.node) for s in skeleton["steps"]]).encode())
     h.update(repr((skeleton["input_shape"], skeleton["const_shapes"])).encode())

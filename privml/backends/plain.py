@@ -150,7 +150,7 @@ def _pow(a: object, exponent: object, **kwargs: object) -> object:
         from privml.tensor.base import unsupported
 
         raise unsupported(PlainTensor, torch.pow, (a, exponent), kwargs,
-                          "only non-negative integer powers are polynomial; approximate others with privml.compile.")
+                          "only non-negative integer powers are polynomial; approximate others with privml.compiler.")
     return _run(torch.pow, (a, int(exponent)), kwargs)
 
 

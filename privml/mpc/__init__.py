@@ -1,12 +1,21 @@
-"""MPC runtime: CrypTen compatibility, party launching, fault handling, communication costs.
+"""MPC workflows on top of the ``mpc`` backend: data/model owner roles (:mod:`privml.mpc.roles`) and
+private training (:mod:`privml.mpc.train`).
 
-Importing this package does not import CrypTen (nor torch.distributed): CrypTen is loaded
-inside party processes, through :func:`import_crypten`, on first use.
+The party runtime itself (launching, CrypTen shim, costs) lives one layer lower, in
+:mod:`privml.parties`; its entry points are re-exported here for convenience.
 """
 
-from privml.mpc.compat import import_crypten
-from privml.mpc.costs import CostMeter, combine_summaries
-from privml.mpc.launcher import PartyContext, RunResult, agree, join_party, model_digest, run_parties
+from privml.parties import (
+    CostMeter,
+    PartyContext,
+    RunResult,
+    agree,
+    combine_summaries,
+    import_crypten,
+    join_party,
+    model_digest,
+    run_parties,
+)
 
 __all__ = [
     "CostMeter",

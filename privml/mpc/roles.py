@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from privml.backends.mpc import MPCTensor, PartyRuntime, check_fixed_point, fingerprint, live_fingerprints
 from privml.errors import InvalidInput, MalformedInput, PartyFailure
-from privml.mpc.launcher import PartyContext, agree, model_digest, run_parties
+from privml.parties.launcher import PartyContext, agree, model_digest, run_parties
 from privml.tensor import module_scope
 
 OWNERS = "owners"  # output_party value: each data owner learns the outputs of its own rows
@@ -155,7 +155,7 @@ def share_module(model: nn.Module, rt: PartyRuntime, owner: int) -> nn.Module:
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """What privml.compile does before calibration, without data: eval mode, no in-place ops, BatchNorm folded."""
-    from privml.compile.validate import fix
+    from privml.compiler.validate import fix
 
     gm, _ = fix(model)
     return gm
@@ -352,7 +352,7 @@ def evaluate(model_spec: Callable[[], nn.Module], data_sources: Mapping[int, Any
     names = roles or role_names(world_size, data_parties, weight_party, output_party)
     results = run_parties(evaluation_party, world_size, (job,), timeout=timeout, ttp=ttp, roles=names,
                           rank_args=rank_args, log_level=log_level)
-    from privml.mpc.costs import combine_summaries
+    from privml.parties.costs import combine_summaries
 
     if output_party == OWNERS:
         output: Any = {r: results[r]["output"] for r in data_parties}

@@ -31,15 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from privml.errors import InvalidInput, PartyFailure, UnsupportedModule
-from privml.mpc.launcher import PartyContext, agree, model_digest, run_parties
+from privml.parties.launcher import PartyContext, agree, model_digest, run_parties
 
 _SKIP = (nn.Identity, nn.Dropout, nn.Flatten)
 
 
 def layer_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model as an ordered list of (name, Linear | ReLU); anything else raises UnsupportedModule."""
-    from privml.compile.capture import capture
-    from privml.compile.validate import Problem
+    from privml.compiler.capture import capture
+    from privml.errors import Problem
 
     gm = capture(copy.deepcopy(model))
     modules = dict(gm.named_modules())
@@ -240,8 +240,8 @@ def train_private(model: nn.Module, data_sources: Mapping[int, Any], *, epochs: 
     Batches follow a public seeded permutation of all rows (rank order). Returns the trained model
     as opened to ``output_party`` (every party with None).
     """
-    from privml.mpc.costs import combine_summaries
     from privml.mpc.roles import as_source, role_names
+    from privml.parties.costs import combine_summaries
 
     _check_hyper(epochs, lr, batch_size)
     layer_chain(model)  # fail early, in the caller, on unsupported models

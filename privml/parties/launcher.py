@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from privml.errors import BackendUnavailable, InvalidInput, PartyFailure
-from privml.mpc.compat import INSTALL_HINT, import_crypten
+from privml.parties.compat import INSTALL_HINT, import_crypten
 
 TTP_ROLE = "ttp"
 _ENV_KEYS = ("DISTRIBUTED_BACKEND", "RENDEZVOUS", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")

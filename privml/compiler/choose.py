@@ -3,9 +3,9 @@
 The user states one target and the pass picks, per activation, among
 
 * direct minimax polynomials of degree 2..31 fitted on the activation's calibrated
-  interval (:func:`privml.compile.poly.fit_activation`);
+  interval (:func:`privml.compiler.poly.fit_activation`);
 * for ReLU-like activations, x (1 + s(x / B)) / 2 with s a composite sign polynomial
-  (:func:`privml.compile.poly.composite_sign` stages, several gaps eps);
+  (:func:`privml.compiler.poly.composite_sign` stages, several gaps eps);
 * on MPC, CrypTen's exact comparison-based ReLU.
 
 Targets (``choose`` arguments): ``max_error`` (max |approx - f| on each activation's
@@ -49,13 +49,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from privml.compile.approx import ActivationSite, find_activations, replace_activation
-from privml.compile.calibrate import RangeStats
+from privml.compiler.approx import ActivationSite, find_activations, replace_activation
+from privml.compiler.calibrate import RangeStats
 from privml.errors import BudgetError, InvalidInput
 
 # ---------------------------------------------------------------------------------------------------------------
 # MPC costs (2 parties, CrypTen 0.4.1, TFP triples, 64-bit ring, 16 fractional bits). Measured on this machine with
-# privml.mpc.costs.CostMeter on shared tensors (rounds per party; bytes whole-system per element):
+# privml.parties.costs.CostMeter on shared tensors (rounds per party; bytes whole-system per element):
 #   x.relu(): 9 rounds, 464 bytes/element (a secure comparison: A2B conversion + carry-lookahead adder + B2A);
 #   x * y: 1 round, 32 bytes/element (one Beaver product, opening epsilon and delta); x.square(): 1 round, 16 bytes.
 # The MPC backend evaluates polyval with every power t^2..t^d in ceil(log2 d) batched rounds
@@ -208,7 +208,7 @@ def _composite_candidate(r: Any, backend: str, unit: float) -> Candidate:
 @lru_cache(maxsize=256)
 def _candidates_cached(kind: str, lo: float, hi: float, params: tuple, backend: str, precision_bits: int,
                        max_degree: int, composites: bool) -> tuple[Candidate, ...]:
-    from privml.compile.poly import ReluApprox, composite_sign, fit_activation
+    from privml.compiler.poly import ReluApprox, composite_sign, fit_activation
 
     unit = _numeric_unit(backend, precision_bits)
     pdict = dict(params)
@@ -315,7 +315,7 @@ def graph_cost(gm: fx.GraphModule, site_cost: dict[str, int], metric: str = "dep
     ops free, a private product one round). Nodes in ``refresh`` restart at level 0 (an enclave
     refresh of their output).
     """
-    from privml.compile.plan import _node_cost
+    from privml.compiler.plan import _node_cost
 
     lin = 1 if metric == "depth" else 0
     modules = dict(gm.named_modules())
@@ -603,7 +603,7 @@ def _positive(name: str, value: Any, integer: bool = False) -> float:
 
 def _depth_cap(stats: dict[str, RangeStats], precision_bits: int, poly_modulus_degree: int | None) -> int:
     """Deepest CKKS chain at 128-bit security for these values (what plan_ckks can still give)."""
-    from privml.compile.he_plan import HEADROOM
+    from privml.compiler.he_plan import HEADROOM
     from privml.he.params import HE_STANDARD_128, max_depth
 
     max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
@@ -657,7 +657,7 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
     input_shape = tuple(calibration.shape[1:])
     val = _check_validation(validation, input_shape) if validation is not None else None
     if percentile is True:
-        from privml.compile.calibrate import PERCENTILES
+        from privml.compiler.calibrate import PERCENTILES
 
         percentile = PERCENTILES
     sites = find_activations(gm, stats, margin, percentile=percentile)
@@ -672,7 +672,7 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
     choices = []
     for s in sites:
         if degree is not None:
-            from privml.compile.poly import fit_activation
+            from privml.compiler.poly import fit_activation
 
             d = int(_positive("degree", degree, integer=True))
             if not 1 <= d <= 63:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from privml.errors import InvalidInput, PrivmlError
-from privml.mpc.compat import import_crypten
+from privml.parties.compat import import_crypten
 
 _FIELDS = ("bytes", "rounds", "comm_seconds", "seconds")
 

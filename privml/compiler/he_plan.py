@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from privml.compile.calibrate import RangeStats
-from privml.compile.plan import Plan
+from privml.compiler.calibrate import RangeStats
+from privml.compiler.plan import Plan
 from privml.errors import DepthExhausted
 from privml.tensor import module_scope
 

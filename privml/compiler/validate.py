@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from privml import functional as PF
-from privml.compile.capture import capture, node_label
-from privml.errors import PrivmlError, UnsupportedModule
+from privml.compiler.capture import capture, node_label
+from privml.errors import PrivmlError, Problem, UnsupportedModule
 
 BACKENDS = ("plain", "ckks", "mpc", "hybrid")
 
@@ -48,26 +47,6 @@ SUPPORTED_METHODS = {
 INPLACE_METHODS_HINT = "in-place writes into a private tensor are not supported"
 NONPOLY_ACTIVATIONS = {torch.relu, F.relu, F.leaky_relu, F.gelu, F.silu, F.sigmoid, torch.sigmoid, torch.tanh,
                        F.tanh, F.softplus, "relu", "sigmoid", "tanh"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing standing between a model and private execution.
-
-    ``severity``: "error" (cannot run as is), "fixable" (``fix`` repairs it without
-    changing the function), "warning" (runs, but with a caveat) or "info".
-    """
-
-    name: str
-    kind: str
-    message: str
-    fix: str | None = None
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        where = self.name or "<root>"
-        text = f"[{self.severity}] {where}: {self.message}"
-        return text + (f" Fix: {self.fix}" if self.fix else "")
 
 
 def _module_problems(model: nn.Module, backend: str) -> list[Problem]:

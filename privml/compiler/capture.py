@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from privml.errors import UnsupportedModule
+from privml.errors import Problem, UnsupportedModule
 
 
 class _Tracer(fx.Tracer):
@@ -23,8 +23,6 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
         return fx.GraphModule(model, graph, type(model).__name__)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... depending on the construct
-        from privml.compile.validate import Problem
-
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "item assignment" in text:
             problem = Problem(

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from privml.compile.calibrate import as_batches, calibrate
-from privml.compile.plan import Plan, build_plan
-from privml.compile.validate import BACKENDS, fix, raise_if_errors, validate
+from privml.compiler.calibrate import as_batches, calibrate
+from privml.compiler.plan import Plan, build_plan
+from privml.compiler.validate import BACKENDS, fix, raise_if_errors, validate
 from privml.errors import BudgetError, CalibrationError, InvalidInput, PrivmlError
 from privml.tensor import PrivateTensor, module_scope
 
@@ -72,7 +72,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, 
     ``calibration_data`` is a batch of real inputs (a tensor, a DataLoader, or a list of batches / (x, y)
     pairs). All validation problems are reported at once (``UnsupportedModule.problems``).
 
-    Approximation options (ckks/hybrid; mpc when a budget is given), see :mod:`privml.compile.choose`:
+    Approximation options (ckks/hybrid; mpc when a budget is given), see :mod:`privml.compiler.choose`:
     ``max_error=`` (per activation, on its interval), ``accuracy_tolerance=`` with ``validation=(x, y)``
     (accuracy drop against the original, e.g. 0.01 = one point), ``depth_budget=`` (total CKKS depth),
     ``degree=`` (one fixed degree everywhere; the default, 4, when no budget is given), ``margin=``
@@ -96,7 +96,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, 
     stats = calibrate(gm, batches, input_shape)
     choice, names = None, {}
     if backend in ("ckks", "hybrid") or (backend == "mpc" and any(options.get(k) is not None for k in _BUDGETS)):
-        from privml.compile.choose import apply_choice, choose
+        from privml.compiler.choose import apply_choice, choose
 
         choice = choose(gm, stats, backend, torch.cat(batches)[:512], **_approx_options(options))
         fixes, names = apply_choice(gm, choice, trainable=bool(options.get("trainable", False)))
@@ -104,12 +104,12 @@ def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, 
         stats = calibrate(gm, batches, input_shape)
     plan = build_plan(gm, stats, backend, input_shape, fixes=applied, options=_plan_options(options))
     if choice is not None:
-        from privml.compile.choose import annotate_plan, interval_notes
+        from privml.compiler.choose import annotate_plan, interval_notes
 
         annotate_plan(plan, choice, names)
         interval_notes(gm, plan)
     if backend == "ckks":
-        from privml.compile.he_plan import plan_ckks
+        from privml.compiler.he_plan import plan_ckks
 
         plan_ckks(gm, stats, plan, layout=options.get("layout", "latency"),
                   precision_bits=int(options.get("precision_bits", 20)),
@@ -123,7 +123,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str = "plain", *, 
         if budget is not None and plan.params["depth"] > int(budget):
             raise BudgetError(f"privml: the model needs depth {plan.params['depth']} > depth_budget {budget}")
     if options.get("simulate_noise") and choice is not None and options.get("validation") is not None:
-        from privml.compile.choose import simulated_accuracy
+        from privml.compiler.choose import simulated_accuracy
 
         std = _noise_std(plan, int(options.get("precision_bits", 20)))
         x, y = options["validation"]

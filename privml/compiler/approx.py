@@ -2,7 +2,7 @@
 
 Works on the captured graph, so both activation modules (``nn.ReLU``) and
 functional calls inside ``forward`` (``F.relu``) are found and replaced. Which
-approximation each activation gets is decided in :mod:`privml.compile.choose`;
+approximation each activation gets is decided in :mod:`privml.compiler.choose`;
 :func:`approximate_activations` is the fixed-degree special case.
 """
 
@@ -16,8 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from privml.compile.calibrate import RangeStats
-from privml.compile.capture import node_label
+from privml.compiler.calibrate import RangeStats
+from privml.compiler.capture import node_label
 from privml.errors import CalibrationError, InvalidInput
 from privml.nn import PolyActivation
 
@@ -132,9 +132,9 @@ def approximate_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], de
                             margin: float = 0.1, method: str = "remez") -> list[str]:
     """Replace every activation by a degree-``degree`` fit on its calibrated interval; returns what was done.
 
-    The fixed-degree special case; ``privml.compile`` goes through :func:`privml.compile.choose.choose`.
+    The fixed-degree special case; ``privml.compile`` goes through :func:`privml.compiler.choose.choose`.
     """
-    from privml.compile.poly import fit_activation
+    from privml.compiler.poly import fit_activation
 
     done = []
     for site in find_activations(gm, stats, margin):

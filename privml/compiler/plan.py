@@ -18,8 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from privml.compile.calibrate import RangeStats
-from privml.compile.capture import node_label
+from privml.compiler.calibrate import RangeStats
+from privml.compiler.capture import node_label
 from privml.errors import MalformedInput
 
 PLAN_VERSION = 1
