@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import privml
-from privml.compiler.poly import composite_sign, fit_activation, relu_from_sign
+from privml.approx.fit import fit_activation
+from privml.approx.sign import composite_sign, relu_from_sign
 from privml.nn import (
     CompositeRelu,
     PolyActivation,

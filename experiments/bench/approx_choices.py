@@ -45,10 +45,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import privml  # noqa: E402
+from privml.approx.fit import fit_activation  # noqa: E402
+from privml.approx.sign import composite_sign  # noqa: E402
 from privml.backends.ckks import dry_run  # noqa: E402
 from privml.compiler.approx import find_activations, replace_activation  # noqa: E402
 from privml.compiler.calibrate import calibrate  # noqa: E402
-from privml.compiler.poly import composite_sign, fit_activation  # noqa: E402
 from privml.compiler.validate import fix  # noqa: E402
 from privml.errors import DepthExhausted  # noqa: E402
 from privml.he.params import HE_STANDARD_128, max_depth  # noqa: E402

@@ -13,7 +13,7 @@ slowest party. Bytes are whole-system bytes per inference (sum over parties / 2)
 
 privml variants: "exact" (CrypTen's comparison-based ReLU, like native), "poly-d" (every ReLU
 replaced by the degree-d minimax fit on its calibrated interval from
-``privml.compiler.poly.fit_activation``, via ``privml.compiler.approx.approximate_activations``) and
+``privml.approx.fit.fit_activation``, via ``privml.compiler.approx.approximate_activations``) and
 "poly-d+ft" (the same polynomials after approximation-aware fine-tuning of weights and coefficients
 on the training split: same degree, same MPC cost; the fine-tuning settings were chosen by looking
 at test accuracy, there is no separate validation split). Accuracy is measured on the whole test

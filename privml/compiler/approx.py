@@ -134,7 +134,7 @@ def approximate_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], de
 
     The fixed-degree special case; ``privml.compile`` goes through :func:`privml.compiler.choose.choose`.
     """
-    from privml.compiler.poly import fit_activation
+    from privml.approx.fit import fit_activation
 
     done = []
     for site in find_activations(gm, stats, margin):

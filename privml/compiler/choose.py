@@ -3,9 +3,9 @@
 The user states one target and the pass picks, per activation, among
 
 * direct minimax polynomials of degree 2..31 fitted on the activation's calibrated
-  interval (:func:`privml.compiler.poly.fit_activation`);
+  interval (:func:`privml.approx.fit.fit_activation`);
 * for ReLU-like activations, x (1 + s(x / B)) / 2 with s a composite sign polynomial
-  (:func:`privml.compiler.poly.composite_sign` stages, several gaps eps);
+  (:func:`privml.approx.sign.composite_sign` stages, several gaps eps);
 * on MPC, CrypTen's exact comparison-based ReLU.
 
 Targets (``choose`` arguments): ``max_error`` (max |approx - f| on each activation's
@@ -49,6 +49,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from privml.approx.basis import poly_depth
 from privml.compiler.approx import ActivationSite, find_activations, replace_activation
 from privml.compiler.calibrate import RangeStats
 from privml.errors import BudgetError, InvalidInput
@@ -73,11 +74,6 @@ SIGN_DEGREE_SETS: tuple[tuple[int, ...], ...] = ((3, 3), (3, 3, 3), (7, 7), (7, 
 SIGN_EPS = (2.0**-4, 2.0**-6, 2.0**-8, 2.0**-10)
 RELU_LIKE = ("relu", "leaky_relu")
 BACKEND_COSTS = ("ckks", "mpc", "hybrid", "plain")
-
-
-def poly_depth(degree: int) -> int:
-    """CKKS levels of a degree-d polynomial (``privml.he.kernels.poly_depth``): ceil(log2(d + 1))."""
-    return int(degree).bit_length() if degree > 0 else 0
 
 
 def mpc_poly_cost(degree: int) -> tuple[int, int]:
@@ -208,7 +204,8 @@ def _composite_candidate(r: Any, backend: str, unit: float) -> Candidate:
 @lru_cache(maxsize=256)
 def _candidates_cached(kind: str, lo: float, hi: float, params: tuple, backend: str, precision_bits: int,
                        max_degree: int, composites: bool) -> tuple[Candidate, ...]:
-    from privml.compiler.poly import ReluApprox, composite_sign, fit_activation
+    from privml.approx.fit import fit_activation
+    from privml.approx.sign import ReluApprox, composite_sign
 
     unit = _numeric_unit(backend, precision_bits)
     pdict = dict(params)
@@ -355,8 +352,11 @@ def graph_cost(gm: fx.GraphModule, site_cost: dict[str, int], metric: str = "dep
             if kind in ("reshape", "output"):
                 out = _Val(first.level, first.pending, first.base)
             elif pw is not None:
-                extra = (1 if pw == 2 else poly_depth(pw)) if metric == "depth" else mpc_poly_cost(pw)[0]
-                out = _Val(mat(first) + extra, False, node.name) if pw > 1 else first
+                if pw > 1:
+                    extra = (1 if pw == 2 else poly_depth(pw)) if metric == "depth" else mpc_poly_cost(pw)[0]
+                    out = _Val(mat(first) + extra, False, node.name)
+                else:
+                    out = first
             elif getattr(fn, "__name__", "") == "polyval" or kind == "activation":
                 deg = 0
                 if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
@@ -672,7 +672,7 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
     choices = []
     for s in sites:
         if degree is not None:
-            from privml.compiler.poly import fit_activation
+            from privml.approx.fit import fit_activation
 
             d = int(_positive("degree", degree, integer=True))
             if not 1 <= d <= 63:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from privml.approx.basis import poly_depth
 from privml.functional import polyval
 from privml.tensor import PrivateTensor
 
@@ -35,11 +36,6 @@ def _coeff_tensor(coeffs: Sequence[float] | torch.Tensor, what: str = "coeffs") 
     if c.dim() != 1 or c.numel() < 1 or not torch.isfinite(c).all():
         raise ValueError(f"{what} must be a non-empty 1-D sequence of finite numbers")
     return c
-
-
-def _poly_depth(degree: int) -> int:
-    """CKKS levels of a degree-d polynomial in the backend's schedule: ceil(log2(d + 1))."""
-    return int(degree).bit_length() if degree > 0 else 0
 
 
 def _degree_of(c: torch.Tensor) -> int:
@@ -97,7 +93,7 @@ class PolyActivation(_RangeGuard):
     @property
     def depth(self) -> int:
         """CKKS levels this activation consumes (besides materializing a pending linear map)."""
-        return _poly_depth(self.degree)
+        return poly_depth(self.degree)
 
     def coefficient_list(self) -> list[float]:
         return [float(v) for v in self.coeffs.detach()]
@@ -152,7 +148,7 @@ class CompositeRelu(_RangeGuard):
     @property
     def depth(self) -> int:
         """CKKS levels: every stage's ceil(log2(d + 1)) plus one for the product with x."""
-        return sum(_poly_depth(d) for d in self.degrees) + 1
+        return sum(poly_depth(d) for d in self.degrees) + 1
 
     def stage_lists(self) -> list[list[float]]:
         return [[float(v) for v in c.detach()] for c in self.stages]
