@@ -38,7 +38,8 @@ import torch
 from torch.utils._pytree import tree_map
 
 from privml.errors import InvalidInput, MalformedInput, PrivmlError
-from privml.tensor import PrivateTensor, current_module, ops
+from privml.registry import REGISTRY
+from privml.tensor import PrivateTensor, current_module, out_of_place
 from privml.tensor.base import op_name, unsupported
 
 LAYOUTS = ("latency", "throughput")
@@ -319,108 +320,90 @@ def _check_plain_operands(x: CKKSTensor, func: object, args: tuple, kwargs: dict
                 raise InvalidInput(f"privml: a plain operand of {op_name(func)} contains NaN or inf")
 
 
-_ELEMENTWISE = {id(f) for f in ops.ADD + ops.SUB + ops.MUL + ops.DIV}
+_ELEMENTWISE = ("add", "sub", "mul", "div")
 
 
-def _affine(func: object) -> Callable:
-    """Handler for an op that is affine in its single private operand: fuse it into ``pending``."""
+def _affine(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    """An op that is affine in its single private operand: fused into ``pending`` (no ciphertext work)."""
+    privates = _private(args, kwargs)
+    if len(privates) != 1:
+        raise unsupported(CKKSTensor, func, args, kwargs, "expected exactly one encrypted operand here.")
+    x = privates[0]
+    spec = REGISTRY.for_function(func)
+    _check_plain_operands(x, func, args, kwargs, spec is not None and spec.name in _ELEMENTWISE)
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    target = out_of_place(func)
 
-    def handler(*args: object, **kwargs: object) -> CKKSTensor:
-        privates = _private(args, kwargs)
-        if len(privates) != 1:
-            raise unsupported(CKKSTensor, func, args, kwargs, "expected exactly one encrypted operand here.")
-        x = privates[0]
-        _check_plain_operands(x, func, args, kwargs, id(func) in _ELEMENTWISE)
-        kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
-        target = _OUT_OF_PLACE.get(func, func)
+    def per_sample(z: torch.Tensor) -> torch.Tensor:
+        def swap(a: object) -> object:
+            if a is x:
+                return z
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                return a.detach().double()
+            return a
 
-        def per_sample(z: torch.Tensor) -> torch.Tensor:
-            def swap(a: object) -> object:
-                if a is x:
-                    return z
-                if isinstance(a, torch.Tensor) and a.is_floating_point():
-                    return a.detach().double()
-                return a
-
-            with torch._C.DisableTorchFunctionSubclass():
-                return target(*tree_map(swap, args), **tree_map(swap, kwargs))
-
-        sample_shape = tuple(x.shape[1:])
-        key = (op_name(func), _arg_key(args), _arg_key(kwargs), sample_shape)
-        w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape)
-        step = Affine(w, b, (key,), (current_module() or op_name(func),))
-        pending = step if x.pending is None else x.pending.then(step)
-        return CKKSTensor(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
-
-    return handler
-
-
-def _reshape_like(func: object) -> Callable:
-    """flatten/reshape/view: only the logical shape changes (row-major flat layout is kept); batch stays first."""
-
-    def handler(x: CKKSTensor, *args: object, **kwargs: object) -> CKKSTensor:
         with torch._C.DisableTorchFunctionSubclass():
-            probe = func(torch.empty(x.shape, device="meta"), *args, **kwargs)
-        if probe.shape[0] != x.shape[0] or probe.numel() != x.numel():
-            raise unsupported(CKKSTensor, func, (x, *args), kwargs, "reshapes must keep the batch dimension first.")
-        return CKKSTensor(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending)
+            return target(*tree_map(swap, args), **tree_map(swap, kwargs))
 
-    return handler
-
-
-_OUT_OF_PLACE = {
-    torch.Tensor.add_: torch.add, torch.Tensor.__iadd__: torch.add, torch.Tensor.sub_: torch.sub,
-    torch.Tensor.__isub__: torch.sub, torch.Tensor.mul_: torch.mul, torch.Tensor.__imul__: torch.mul,
-    torch.Tensor.div_: torch.div, torch.Tensor.__itruediv__: torch.div,
-}
-
-for _group in (ops.LINEAR, ops.CONV2D, ops.AVG_POOL2D, ops.ADAPTIVE_AVG_POOL2D, ops.BATCH_NORM, ops.SUM, ops.MEAN,
-               ops.NEG):
-    for _f in _group:
-        CKKSTensor.implements(_f)(_affine(_f))
-for _f in ops.FLATTEN + ops.RESHAPE:
-    CKKSTensor.implements(_f)(_reshape_like(_f))
+    sample_shape = tuple(x.shape[1:])
+    key = (op_name(func), _arg_key(args), _arg_key(kwargs), sample_shape)
+    w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape)
+    step = Affine(w, b, (key,), (current_module() or op_name(func),))
+    pending = step if x.pending is None else x.pending.then(step)
+    return CKKSTensor(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
 
 
-@CKKSTensor.implements(ops.IDENTITY + ops.DROPOUT)
-def _identity(x: CKKSTensor, *args: object, **kwargs: object) -> CKKSTensor:
-    return x
+CKKSTensor.implements("linear", "conv2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "sum", "mean",
+                      "neg", "div")(_affine)
+
+
+@CKKSTensor.implements("flatten", "reshape")
+def _reshape(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    """flatten/reshape/view: only the logical shape changes (row-major flat layout is kept); batch stays first."""
+    x, rest = args[0], args[1:]
+    with torch._C.DisableTorchFunctionSubclass():
+        probe = func(torch.empty(x.shape, device="meta"), *rest, **kwargs)
+    if probe.shape[0] != x.shape[0] or probe.numel() != x.numel():
+        raise unsupported(CKKSTensor, func, args, kwargs, "reshapes must keep the batch dimension first.")
+    return CKKSTensor(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending)
+
+
+@CKKSTensor.implements("identity", "dropout", "stochastic_depth")
+def _identity(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    return args[0] if args else kwargs["input"]
 
 
 @CKKSTensor.implements_aten([aten.detach.default, aten.alias.default])
-def _aten_identity(x: CKKSTensor) -> CKKSTensor:
-    return x
+def _aten_identity(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    return args[0]
 
 
-def _binary(func: object, combine: str) -> Callable:
+@CKKSTensor.implements("add", "sub", "mul")
+def _binary(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
     """add/sub/mul: fused when one side is plain, ciphertext arithmetic when both are encrypted."""
-    affine = _affine(func)
-
-    def handler(*args: object, **kwargs: object) -> CKKSTensor:
-        privates = _private(args, kwargs)
-        if len(privates) < 2:
-            return affine(*args, **kwargs)
-        a, b = args[0], args[1]
-        if kwargs.get("alpha", 1) != 1:
-            raise unsupported(CKKSTensor, func, args, kwargs, "alpha != 1 with two encrypted operands.")
-        if combine != "mul" and a.payload is b.payload and a.shape[0] == b.shape[0]:
-            return _combine_same_base(a, b, -1.0 if combine == "sub" else 1.0)
-        if a.shape != b.shape:
-            raise unsupported(CKKSTensor, func, args, kwargs, f"encrypted operands must have the same shape "
-                              f"(got {list(a.shape)} and {list(b.shape)}); broadcasting is not supported.")
-        if a.runtime is not b.runtime:
-            raise InvalidInput("privml: the two encrypted operands come from different sessions/contexts")
-        same = a is b
-        a = a.materialized()
-        b = a if same else b.materialized()
-        rt = a.runtime
-        if combine == "mul":
-            payload = rt.square(a.payload) if same else rt.mul(a.payload, b.payload)
-        else:
-            payload = rt.add(a.payload, b.payload, negate_b=combine == "sub")
-        return a.with_payload(payload)
-
-    return handler
+    privates = _private(args, kwargs)
+    if len(privates) < 2:
+        return _affine(func, types, args, kwargs)
+    combine = REGISTRY.for_function(func).name
+    a, b = args[0], args[1]
+    if kwargs.get("alpha", 1) != 1:
+        raise unsupported(CKKSTensor, func, args, kwargs, "alpha != 1 with two encrypted operands.")
+    if combine != "mul" and a.payload is b.payload and a.shape[0] == b.shape[0]:
+        return _combine_same_base(a, b, -1.0 if combine == "sub" else 1.0)
+    if a.shape != b.shape:
+        raise unsupported(CKKSTensor, func, args, kwargs, f"encrypted operands must have the same shape "
+                          f"(got {list(a.shape)} and {list(b.shape)}); broadcasting is not supported.")
+    if a.runtime is not b.runtime:
+        raise InvalidInput("privml: the two encrypted operands come from different sessions/contexts")
+    same = a is b
+    a = a.materialized()
+    b = a if same else b.materialized()
+    rt = a.runtime
+    if combine == "mul":
+        payload = rt.square(a.payload) if same else rt.mul(a.payload, b.payload)
+    else:
+        payload = rt.add(a.payload, b.payload, negate_b=combine == "sub")
+    return a.with_payload(payload)
 
 
 def _as_affine(x: CKKSTensor) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
@@ -445,50 +428,33 @@ def _combine_same_base(a: CKKSTensor, b: CKKSTensor, sign: float) -> CKKSTensor:
     return CKKSTensor(a.payload, (a.shape[0], *out), a.dtype, runtime=a.runtime, pending=pending)
 
 
-for _f in ops.ADD:
-    CKKSTensor.implements(_f)(_binary(_f, "add"))
-for _f in ops.SUB:
-    CKKSTensor.implements(_f)(_binary(_f, "sub"))
-for _f in ops.MUL:
-    CKKSTensor.implements(_f)(_binary(_f, "mul"))
+@CKKSTensor.implements("matmul")
+def _matmul(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    """(encrypted batch) @ (plain matrix); the registry's check refuses the other forms."""
+    return _affine(func, types, args, kwargs)
 
 
-@CKKSTensor.implements(ops.DIV)
-def _div(a: object, b: object, **kwargs: object) -> CKKSTensor:
-    if isinstance(b, PrivateTensor):
-        raise unsupported(CKKSTensor, torch.div, (a, b), kwargs, "CKKS cannot divide by an encrypted value.")
-    if kwargs.get("rounding_mode") is not None:
-        raise unsupported(CKKSTensor, torch.div, (a, b), kwargs, "rounding division is not polynomial.")
-    return _affine(torch.div)(a, b)
-
-
-@CKKSTensor.implements(ops.MATMUL)
-def _matmul(a: object, b: object) -> CKKSTensor:
-    if isinstance(b, PrivateTensor) or not isinstance(a, CKKSTensor):
-        raise unsupported(CKKSTensor, torch.matmul, (a, b), {}, "only (encrypted batch) @ (plain matrix) is "
-                          "supported: the batch must stay the first dimension.")
-    return _affine(torch.matmul)(a, b)
-
-
-@CKKSTensor.implements(ops.SQUARE)
-def _square(x: CKKSTensor) -> CKKSTensor:
+def _square_of(x: CKKSTensor) -> CKKSTensor:
     x = x.materialized()
     return x.with_payload(x.runtime.square(x.payload))
 
 
-@CKKSTensor.implements(ops.POW)
-def _pow(x: CKKSTensor, exponent: object) -> CKKSTensor:
-    if not isinstance(exponent, int) or exponent < 1:
-        raise unsupported(CKKSTensor, torch.pow, (x, exponent), {}, "only positive integer powers are polynomial.")
+@CKKSTensor.implements("square")
+def _square(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    return _square_of(args[0])
+
+
+@CKKSTensor.implements("pow")
+def _pow(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    x, exponent = args[0], int(args[1])
     if exponent == 1:
         return x
     if exponent == 2:
-        return _square(x)
-    return _polyval(x, [0.0] * exponent + [1.0])
+        return _square_of(x)
+    return _poly_of(x, [0.0] * exponent + [1.0])
 
 
-@CKKSTensor.implements(ops.POLYVAL)
-def _polyval(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None = None) -> CKKSTensor:
+def _poly_of(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None = None) -> CKKSTensor:
     """Polynomial activation. With a ``domain``, the x -> t map is fused into a pending linear map (free);
     without a pending map it is folded into the coefficients instead (no extra level either)."""
     from privml.functional import coeffs_in_x, to_unit_interval
@@ -498,33 +464,16 @@ def _polyval(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None =
         raise InvalidInput("privml: polynomial coefficients contain NaN or inf")
     if domain is not None and x.pending is not None:
         alpha, beta = to_unit_interval(domain)
-        x = _affine(torch.add)(_affine(torch.mul)(x, alpha), beta)
+        x = _affine(torch.add, (), (_affine(torch.mul, (), (x, alpha), {}), beta), {})
     elif domain is not None:
         c = coeffs_in_x(c, domain).tolist()
     x = x.materialized()
     return x.with_payload(x.runtime.poly(x.payload, c))
 
 
-_ACTIVATION_HINT = ("CKKS evaluates only polynomials: compile the model with privml.compile(..., backend='ckks'), "
-                    "which replaces each activation by a polynomial fitted on its calibrated range.")
-for _name, _group in ops.ACTIVATIONS.items():
-    for _f in _group:
-        def _refuse(*args: object, _f: object = _f, **kwargs: object) -> None:
-            raise unsupported(CKKSTensor, _f, args, kwargs, _ACTIVATION_HINT)
-
-        CKKSTensor.implements(_f)(_refuse)
-
-
-@CKKSTensor.implements(ops.SOFTMAX)
-def _softmax(*args: object, **kwargs: object) -> None:
-    raise unsupported(CKKSTensor, torch.softmax, args, kwargs, "softmax is left to the client: return logits and "
-                      "apply softmax/argmax after decryption.")
-
-
-@CKKSTensor.implements(ops.MAX_POOL2D)
-def _maxpool(*args: object, **kwargs: object) -> None:
-    raise unsupported(CKKSTensor, torch.nn.functional.max_pool2d, args, kwargs, "max pooling needs comparisons: "
-                      "compile with replace_maxpool=True (AvgPool2d) or use the MPC backend.")
+@CKKSTensor.implements("polyval")
+def _polyval(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
+    return _poly_of(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- serialization

@@ -15,10 +15,11 @@ import torch
 from torch.utils._pytree import tree_map
 
 from privml.errors import RangeViolation
-from privml.tensor import PrivateTensor, ops
+from privml.registry import REGISTRY
+from privml.tensor import PrivateTensor, out_of_place
+from privml.tensor.base import private_args
 
 aten = torch.ops.aten
-T = torch.Tensor
 
 
 @dataclass
@@ -72,22 +73,10 @@ class PlainTensor(PrivateTensor):
     metadata_fields = ("simulation",)
 
 
-_INPLACE = {
-    T.add_: torch.add, T.__iadd__: torch.add, T.sub_: torch.sub, T.__isub__: torch.sub,
-    T.mul_: torch.mul, T.__imul__: torch.mul, T.div_: torch.div, T.__itruediv__: torch.div,
-    torch.nn.functional.relu_: torch.relu, torch.relu_: torch.relu, T.relu_: torch.relu,
-}
-_EXACT = {id(f) for f in ops.FLATTEN + ops.RESHAPE + ops.IDENTITY + ops.CAT + ops.DROPOUT}
-
-
 def _sim_of(args: tuple, kwargs: dict) -> Simulation:
-    for a in list(args) + list(kwargs.values()):
+    for a in private_args(list(args) + list(kwargs.values())):
         if isinstance(a, PlainTensor):
             return a.simulation
-        if isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, PlainTensor):
-                    return b.simulation
     return Simulation()
 
 
@@ -95,70 +84,34 @@ def _unwrap(a: object) -> object:
     return a.payload if isinstance(a, PlainTensor) else a
 
 
-def _run(func: object, args: tuple, kwargs: dict) -> object:
+def _eval_form(func: object, kwargs: dict) -> dict:
+    """Private tensors never mutate: in-place flags are dropped, the result is a new tensor."""
+    return {k: v for k, v in kwargs.items() if k != "inplace"}
+
+
+@PlainTensor.implements(*(spec.name for spec in REGISTRY if spec.needs_handler("plain")))
+def _run(func: object, types: tuple, args: tuple, kwargs: dict) -> object:
     """Run ``func`` on the payloads and wrap tensor results, simulating noise where arithmetic happened."""
     sim = _sim_of(args, kwargs)
-    target = _INPLACE.get(func, func)
-    if kwargs.get("inplace"):
-        kwargs = {**kwargs, "inplace": False}
+    spec = REGISTRY.for_function(func)
+    target = out_of_place(func)
     with torch._C.DisableTorchFunctionSubclass():
-        out = target(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
-    name = getattr(func, "__name__", str(func))
-    exact = id(func) in _EXACT
+        out = target(*tree_map(_unwrap, args), **tree_map(_unwrap, _eval_form(func, kwargs)))
+    exact = spec is not None and spec.kind in ("shape", "identity", "metadata")
 
     def wrap(o: object) -> object:
         if isinstance(o, torch.Tensor) and not isinstance(o, PrivateTensor):
-            data = o if exact else sim.apply(o, name)
+            data = o if exact else sim.apply(o, spec.name if spec else str(func))
             return PlainTensor(data, data.shape, data.dtype, simulation=sim)
         return o
 
     return tree_map(wrap, out)
 
 
-def _generic(func: object):
-    def handler(*args: object, **kwargs: object) -> object:
-        return _run(func, args, kwargs)
-
-    return handler
-
-
-def _register_generic(group: list) -> None:
-    for f in group:
-        PlainTensor.implements(f)(_generic(f))
-
-
-for _group in (ops.LINEAR, ops.CONV2D, ops.AVG_POOL2D, ops.ADAPTIVE_AVG_POOL2D, ops.MAX_POOL2D, ops.BATCH_NORM,
-               ops.DROPOUT, ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MATMUL, ops.SQUARE, ops.SUM, ops.MEAN,
-               ops.CAT, ops.FLATTEN, ops.RESHAPE, ops.IDENTITY, ops.RELU, ops.LEAKY_RELU, ops.GELU, ops.SILU,
-               ops.SIGMOID, ops.TANH, ops.SOFTPLUS, ops.SOFTMAX, ops.POLYVAL):
-    _register_generic(_group)
-
-
-@PlainTensor.implements(ops.DIV)
-def _div(a: object, b: object, **kwargs: object) -> object:
-    if isinstance(b, PrivateTensor):
-        from privml.tensor.base import unsupported
-
-        raise unsupported(PlainTensor, torch.div, (a, b), kwargs, "division by a private value is not available; "
-                          "divide by a public constant instead.")
-    return _run(torch.div, (a, b), kwargs)
-
-
-@PlainTensor.implements(ops.POW)
-def _pow(a: object, exponent: object, **kwargs: object) -> object:
-    if not (isinstance(exponent, int) or (isinstance(exponent, float) and exponent.is_integer())) or exponent < 0:
-        from privml.tensor.base import unsupported
-
-        raise unsupported(PlainTensor, torch.pow, (a, exponent), kwargs,
-                          "only non-negative integer powers are polynomial; approximate others with privml.compiler.")
-    return _run(torch.pow, (a, int(exponent)), kwargs)
-
-
-# aten-level fallback: ops reached only through decomposition (e.g. x.t(), nn.Linear via addmm).
-for _op in (aten.detach.default, aten.alias.default, aten.clone.default, aten.view.default, aten._unsafe_view.default,
-            aten.t.default, aten.addmm.default, aten.mm.default, aten.add.Tensor, aten.mul.Tensor,
-            aten.relu.default, aten._to_copy.default):
-    PlainTensor.implements_aten(_op)(_generic(_op))
+# aten-level fallback: ops reached only through decomposition (e.g. nn.Linear via addmm under autograd).
+PlainTensor.implements_aten([aten.detach.default, aten.alias.default, aten.clone.default, aten.view.default,
+                             aten._unsafe_view.default, aten.t.default, aten.addmm.default, aten.mm.default,
+                             aten.add.Tensor, aten.mul.Tensor, aten.relu.default, aten._to_copy.default])(_run)
 
 
 class PlainBackend:

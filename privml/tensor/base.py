@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from privml.errors import UnsupportedOperation
+from privml.registry import REGISTRY
 
 _module_path: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("privml_module_path", default=())
 
@@ -151,9 +152,9 @@ def unsupported(cls: type, func: Any, args: tuple, kwargs: dict | None, why: str
 class PrivateTensor(torch.Tensor):
     """Base of all private representations: declared fields, per-class op tables, clear errors.
 
-    Subclasses set ``backend_name`` and ``metadata_fields`` and register ops with
-    ``@Cls.implements(...)`` / ``@Cls.implements_aten(...)``. Construction goes
-    through ``Cls.wrap(payload, shape, **metadata)``.
+    Subclasses set ``backend_name`` and ``metadata_fields`` and register handlers
+    ``handler(func, types, args, kwargs)`` with ``@Cls.implements("linear", ...)`` (registry op names,
+    see :mod:`privml.registry`) or ``@Cls.implements_aten(...)``. Construct with ``Cls(payload, shape, **fields)``.
     """
 
     backend_name: ClassVar[str] = "abstract"
@@ -180,11 +181,6 @@ class PrivateTensor(torch.Tensor):
             setattr(t, k, v)
         return t
 
-    @classmethod
-    def wrap(cls, payload: Any, shape: Iterable[int], dtype: torch.dtype = torch.float32, **metadata: Any):
-        """Create a tensor of this class around ``payload`` (same as calling the class)."""
-        return cls(payload, shape, dtype, **metadata)
-
     def finalize(self) -> PrivateTensor:
         """Complete any deferred work (e.g. a fused linear map not yet applied); called on model outputs."""
         return self
@@ -205,9 +201,16 @@ class PrivateTensor(torch.Tensor):
 
     # ---- op registration -------------------------------------------------------------------
     @classmethod
-    def implements(cls, funcs: Any) -> Callable[[Callable], Callable]:
-        """Register a handler for one or more high-level torch functions/methods on this class."""
-        funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
+    def implements(cls, *ops: Any) -> Callable[[Callable], Callable]:
+        """Register ``handler(func, types, args, kwargs)`` for ops of this class.
+
+        Each op is a registry name (``"linear"``: every entry point the registry declares for it) or a
+        torch callable (that one entry point only, e.g. ``Tensor.__rsub__`` when it needs its own handler).
+        """
+        funcs: list[Any] = []
+        for op in ops:
+            for item in op if isinstance(op, (list, tuple)) else [op]:
+                funcs += REGISTRY.functions(REGISTRY[item]) if isinstance(item, str) else [item]
 
         def decorator(handler: Callable) -> Callable:
             for f in funcs:
@@ -218,7 +221,7 @@ class PrivateTensor(torch.Tensor):
 
     @classmethod
     def implements_aten(cls, ops: Any) -> Callable[[Callable], Callable]:
-        """Register a handler for aten ops reached through ``__torch_dispatch__``."""
+        """Register ``handler(func, types, args, kwargs)`` for aten ops reached through ``__torch_dispatch__``."""
         ops = ops if isinstance(ops, (list, tuple)) else [ops]
 
         def decorator(handler: Callable) -> Callable:
@@ -237,13 +240,15 @@ class PrivateTensor(torch.Tensor):
         return None
 
     @classmethod
+    def handles(cls, func: Any) -> bool:
+        """True if this class has a handler for the torch callable ``func``."""
+        return cls._lookup("_function_table", func) is not None
+
+    @classmethod
     def supported_ops(cls) -> list[str]:
-        """Names of every op this class implements (both levels), for docs and error messages."""
-        names = set()
-        for klass in cls.__mro__:
-            for table_name in ("_function_table", "_aten_table"):
-                names.update(op_name(f) for f in klass.__dict__.get(table_name, {}))
-        return sorted(names)
+        """Registry names of every op this class has a handler for (all its entry points covered)."""
+        return sorted(spec.name for spec in REGISTRY
+                      if (fs := REGISTRY.functions(spec)) and all(cls.handles(f) for f in fs))
 
     # ---- interception ------------------------------------------------------------------------
     @classmethod
@@ -258,8 +263,14 @@ class PrivateTensor(torch.Tensor):
             raise unsupported(cls, func, args, kwargs, f"operands come from different backends: {names}.")
         owner = private_types.pop() if private_types else cls
         handler = owner._lookup("_function_table", func)
+        spec = REGISTRY.for_function(func)
         if handler is not None:
-            return handler(*args, **kwargs)
+            reason = spec.check(args, kwargs, _is_private, owner.backend_name) if spec and spec.check else None
+            if reason:
+                raise unsupported(owner, func, args, kwargs, reason)
+            return handler(func, types, args, kwargs)
+        if spec is not None and spec.kind != "metadata":
+            raise unsupported(owner, func, args, kwargs, spec.refusal(owner.backend_name))
         # Fall back to the aten level: the call decomposes into aten ops that reach
         # __torch_dispatch__, where the per-class aten table (or a clear error) decides.
         try:
@@ -277,10 +288,14 @@ class PrivateTensor(torch.Tensor):
         kwargs = kwargs or {}
         handler = cls._lookup("_aten_table", func)
         if handler is not None:
-            return handler(*args, **kwargs)
+            return handler(func, types, args, kwargs)
         err = unsupported(cls, func, args, kwargs)
         err.aten_name = op_name(func)
         raise err
+
+
+def _is_private(a: Any) -> bool:
+    return isinstance(a, PrivateTensor)
 
 
 def private_args(args: Iterable[Any]) -> list[PrivateTensor]:
