@@ -1,6 +1,7 @@
 """privml: run existing, unmodified PyTorch models privately (MPC, CKKS, hybrid enclave).
 
-Public API: ``compile``, ``Session``, ``validate``, ``Plan``, ``errors``. Backends load
+Public API: ``compile``, ``Session``, their typed configs (``CKKSConfig``, ``MPCSessionConfig``, ...:
+:mod:`privml.config`), ``validate``, ``Plan``, ``errors``. Backends load
 lazily: importing privml loads neither TenSEAL nor CrypTen.
 """
 
@@ -9,8 +10,20 @@ from privml.compiler.api import CompiledModel
 from privml.compiler.api import compile as compile  # noqa: PLW0622 - the public name is `privml.compile`
 from privml.compiler.plan import Plan
 from privml.compiler.validate import Problem, fix, validate
+from privml.config import (
+    BACKENDS,
+    CKKSConfig,
+    CKKSSessionConfig,
+    CompileConfig,
+    MPCConfig,
+    MPCSessionConfig,
+    PlainConfig,
+    PlainSessionConfig,
+    SessionConfig,
+)
 from privml.session import Session
 
 __version__ = "0.1.0"
 __all__ = ["compile", "Session", "CompiledModel", "Plan", "Problem", "validate", "fix", "errors", "functional",
-           "__version__"]
+           "BACKENDS", "CompileConfig", "PlainConfig", "CKKSConfig", "MPCConfig", "SessionConfig", "PlainSessionConfig",
+           "CKKSSessionConfig", "MPCSessionConfig", "__version__"]

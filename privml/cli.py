@@ -13,13 +13,14 @@ import argparse
 import importlib
 import json
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 DEFAULT_CONFIG = "configs/digits_cnn.yaml"
-BACKEND_CHOICES = ("plain", "ckks", "mpc", "hybrid")
 
 
 def _tensors(dataset: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,16 +44,66 @@ def _load_model(spec: str, init_args: str | None) -> torch.nn.Module:
     return factory(**json.loads(init_args or "{}"))
 
 
+def _arg_type(hint: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` for a config field's annotation: numbers, strings, comma lists, true/false."""
+    from privml.config import alternatives
+
+    kinds = [tp for tp in alternatives(hint) if tp is not type(None)]
+    lists = [tp for tp in kinds if typing.get_origin(tp) is tuple]
+
+    def parse(text: str) -> Any:
+        if bool in kinds and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if text.lower() == "none" and len(kinds) < len(alternatives(hint)):
+            return None
+        if lists:
+            item = typing.get_args(lists[0])[0]
+            return tuple(item(v) for v in text.split(","))
+        for tp in (int, float):
+            if tp in kinds:
+                return tp(text)
+        return text
+
+    parse.__name__ = " or ".join(getattr(tp, "__name__", "list") for tp in kinds)  # argparse's error messages
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, classes: Any) -> None:
+    """One flag per option of the config ``classes`` (``max_error`` -> ``--max-error``), from the dataclass fields:
+    type, help and default as declared in :mod:`privml.config`. Unset flags stay out of the namespace (the config's
+    default applies); ``none`` sets an optional one to None."""
+    from privml.config import BACKENDS, cli_fields
+
+    for f, hint, backends in cli_fields(classes):
+        only = "" if set(backends) >= set(BACKENDS) else f" [{', '.join(backends)}]"
+        text = f"{f.metadata['help']}{only}" + ("" if f.default is None else f" (default: {f.default})")
+        flag = "--" + f.name.replace("_", "-")
+        if hint is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_arg_type(hint), default=argparse.SUPPRESS, help=text,
+                                choices=f.metadata.get("choices"))
+
+
+def _given(args: argparse.Namespace, classes: Any) -> dict[str, Any]:
+    """The options of ``classes`` given on the command line."""
+    from privml.config import cli_fields
+
+    given = vars(args)
+    return {f.name: given[f.name] for f, _, _ in cli_fields(classes) if f.name in given}
+
+
 def _compile_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if args.backend == "ckks":
-        opts["layout"] = args.layout
-    if getattr(args, "degree", None):
-        opts["degree"] = args.degree
-    for name in ("max_error", "accuracy_tolerance", "depth_budget", "precision_bits"):
-        if getattr(args, name, None) is not None:
-            opts[name] = getattr(args, name)
-    return opts
+    from privml.config import CONFIGS
+
+    return _given(args, CONFIGS.values())
+
+
+def _session_options(args: argparse.Namespace) -> dict[str, Any]:
+    from privml.config import SESSION_CONFIGS
+
+    return _given(args, SESSION_CONFIGS.values())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -84,9 +135,9 @@ def _compile_from_config(args: argparse.Namespace) -> tuple[Any, torch.nn.Module
     model, dm = train_or_load(args.config)
     calib, _ = _tensors(dm.train_set, args.calib)
     options = _compile_options(args)
-    if "accuracy_tolerance" in options:
+    if "accuracy_tolerance" in options or options.get("simulate_noise"):
         options["validation"] = _tensors(dm.val_set)
-    compiled = privml.compile(model, calib, backend=args.backend, replace_maxpool=args.replace_maxpool, **options)
+    compiled = privml.compile(model, calib, backend=args.backend, **options)
     return compiled, model, dm
 
 
@@ -105,10 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     compiled, model, dm = _compile_from_config(args)
     x, y = _tensors(dm.test_set, args.limit)
     name = Path(args.config).stem
-    report = evaluate(compiled, model, x, y, name=name, batch_size=args.batch_size)
+    report = evaluate(compiled, model, x, y, name=name, batch_size=args.batch_size, **_session_options(args))
     print(report.short())
-    js, md = report.write(args.report_dir, f"{name}_{args.backend}" + (f"_{args.layout}" if args.backend == "ckks"
-                                                                          else ""))
+    layout = compiled.plan.params.get("layout")
+    js, md = report.write(args.report_dir, f"{name}_{args.backend}" + (f"_{layout}" if layout else ""))
     print(f"report: {js} and {md}")
     return 0
 
@@ -172,6 +223,8 @@ def cmd_fit(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from privml.config import BACKENDS, CONFIGS, SESSION_CONFIGS
+
     parser = argparse.ArgumentParser(prog="privml", description="Run unmodified PyTorch models privately.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fit", help="train with a Lightning config (all LightningCLI arguments pass through)")
@@ -179,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="list every problem stopping a model from running privately")
     v.add_argument("model", help="dotted path (torchvision.models.resnet18) or a training config .yaml")
     v.add_argument("--init-args", help="JSON keyword arguments for the model factory")
-    v.add_argument("--backend", default="ckks", choices=BACKEND_CHOICES)
+    v.add_argument("--backend", default="ckks", choices=BACKENDS)
     v.add_argument("--fix", action="store_true", help="apply the fixes and validate again")
     v.add_argument("--replace-maxpool", action="store_true", help="with --fix: MaxPool2d -> AvgPool2d (lossy)")
     v.add_argument("--input-shape", help="per-sample input shape for the numerical check of fixes, e.g. 3,32,32")
@@ -188,16 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                            ("eval", "evaluate a trained model privately and write a report")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", default=DEFAULT_CONFIG, help="training config (trains if no checkpoint yet)")
-        p.add_argument("--backend", default="plain", choices=BACKEND_CHOICES)
-        p.add_argument("--layout", default="latency", choices=("latency", "throughput"))
-        p.add_argument("--degree", type=int, help="one polynomial degree for every approximated activation")
-        p.add_argument("--max-error", type=float, help="budget: max approximation error per activation")
-        p.add_argument("--accuracy-tolerance", type=float,
-                       help="budget: allowed accuracy drop on the validation split (e.g. 0.01)")
-        p.add_argument("--depth-budget", type=int, help="budget: total multiplicative depth")
-        p.add_argument("--precision-bits", type=int, help="CKKS fractional precision the parameters must keep")
+        p.add_argument("--backend", default="plain", choices=BACKENDS)
         p.add_argument("--calib", type=int, default=512, help="calibration samples from the training split")
-        p.add_argument("--replace-maxpool", action="store_true")
+        add_config_flags(p, CONFIGS.values())  # --max-error, --layout, --precision-bits, ... (privml.config)
+        if name == "eval":
+            add_config_flags(p, SESSION_CONFIGS.values())  # --parties, --simulation, --range-slack, ...
         if name == "compile":
             p.add_argument("--out", help="write the plan as JSON here")
         else:

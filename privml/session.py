@@ -9,6 +9,7 @@ import torch
 from privml.backends import load_backend
 from privml.compiler.api import check_input
 from privml.compiler.plan import Plan
+from privml.config import SessionConfig, session_config
 from privml.errors import InvalidInput, RangeViolation
 from privml.tensor import PrivateTensor
 
@@ -16,15 +17,18 @@ from privml.tensor import PrivateTensor
 class Session:
     """Encrypts inputs and decrypts outputs for models compiled with ``plan``.
 
-    ``options`` go to the backend (e.g. ``simulation=Simulation("ckks")`` for plain).
+    Options are typed (:mod:`privml.config`): ``config=MPCSessionConfig(parties=3)`` or the same as
+    keywords (``parties=3``); ``range_slack`` for every backend, the rest go to the backend
+    (e.g. ``simulation="ckks"`` for plain). An unknown name is refused with the closest valid one.
     """
 
-    def __init__(self, plan: Plan, range_slack: float | None = 3.0, **options: Any) -> None:
+    def __init__(self, plan: Plan, *, config: SessionConfig | None = None, **options: Any) -> None:
         if not isinstance(plan, Plan):
             raise InvalidInput(f"privml: Session needs a Plan (compiled.plan), got {type(plan).__name__}")
         self.plan = plan
-        self.range_slack = range_slack
-        self.backend = load_backend(plan.backend).make_backend(plan, **options)
+        self.config = session_config(plan.backend, config, **options)
+        self.range_slack = self.config.range_slack
+        self.backend = load_backend(plan.backend).make_backend(plan, **self.config.backend_options())
 
     def encrypt(self, x: torch.Tensor) -> PrivateTensor:
         """A private tensor holding ``x`` (batch first, shaped like the calibration samples)."""

@@ -469,10 +469,26 @@ def finetune(
     net = set_trainable(net.cpu().eval(), coefficients=False, clamp=False)
     if compiled is None:
         return net
-    plan = compiled.plan
-    options = {k: v for k, v in plan.options.items() if k not in _APPROX_OPTIONS}
-    datamodule.setup()
-    return privml.compile(net, _inputs(datamodule.train_set, 512), backend=plan.backend, **options)
+    options = {k: v for k, v in compiled.plan.config.options().items() if k not in _APPROX_OPTIONS}
+    return privml.compile(net, _train_inputs(datamodule, 512), backend=compiled.plan.backend, **options)
+
+
+def _train_inputs(datamodule: L.LightningDataModule, limit: int) -> torch.Tensor:
+    """Calibration inputs from any LightningDataModule: its ``train_set`` if it has one, else its train loader.
+
+    ``setup`` gets its stage: LightningDataModule's ``setup(stage)`` has no default.
+    """
+    datamodule.setup("fit")
+    if hasattr(datamodule, "train_set"):
+        return _inputs(datamodule.train_set, limit)
+    xs, n = [], 0
+    for batch in datamodule.train_dataloader():
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        xs.append(x)
+        n += len(x)
+        if n >= limit:
+            break
+    return torch.cat(xs)[:limit]
 
 
 if __name__ == "__main__":

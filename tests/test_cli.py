@@ -52,3 +52,32 @@ def test_compile_with_a_budget(tmp_path) -> None:
     plan = json.loads(out_path.read_text())
     rows = [r for r in plan["layers"] if r["degree"]]
     assert rows and all(r["est_error"] <= 0.05 for r in rows)
+
+
+def test_compile_and_eval_flags_come_from_the_config_fields() -> None:
+    import dataclasses
+
+    from privml.cli import _compile_options, _session_options, build_parser
+    from privml.config import CONFIGS, SESSION_CONFIGS
+
+    parser = build_parser()
+    compile_parser = parser._subparsers._group_actions[0].choices["compile"]  # argparse keeps its subparsers here
+    eval_parser = parser._subparsers._group_actions[0].choices["eval"]
+    flags = {o for a in eval_parser._actions for o in a.option_strings}
+    for cls in (*CONFIGS.values(), *SESSION_CONFIGS.values()):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                assert "--" + f.name.replace("_", "-") in flags
+    old_names = {"--max-error", "--accuracy-tolerance", "--depth-budget", "--precision-bits", "--layout", "--degree",
+                 "--backend", "--replace-maxpool", "--calib"}
+    assert old_names <= {o for a in compile_parser._actions for o in a.option_strings}
+    args = parser.parse_args(["eval", "--backend", "mpc", "--max-error", "0.05", "--parties", "3",
+                              "--weight-party", "none", "--ttp"])
+    assert _compile_options(args) == {"max_error": 0.05}  # unset flags keep the config's defaults
+    assert _session_options(args) == {"parties": 3, "weight_party": None, "ttp": True}
+    args = parser.parse_args(["compile", "--backend", "ckks", "--layout", "throughput", "--coeff-mod-bit-sizes",
+                              "60,40,60", "--no-input-expansion"])
+    assert _compile_options(args) == {"layout": "throughput", "coeff_mod_bit_sizes": (60, 40, 60),
+                                      "input_expansion": False}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compile", "--layout", "fast"])

@@ -1,7 +1,8 @@
 """Backends, imported lazily (like einops): ``import privml`` loads neither TenSEAL nor CrypTen.
 
 Each backend module defines ``make_backend(plan, **options)`` returning an object
-with ``encrypt(x) -> PrivateTensor`` and ``decrypt(t) -> torch.Tensor``.
+with ``encrypt(x) -> PrivateTensor`` and ``decrypt(t) -> torch.Tensor``; ``options`` are its
+session config's (:mod:`privml.config`). Backend ``name`` lives in ``privml.backends.<name>``.
 """
 
 from __future__ import annotations
@@ -9,14 +10,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from privml.errors import BackendUnavailable, PrivmlError
+from privml.config import check_backend
+from privml.errors import BackendUnavailable
 
-BACKEND_MODULES = {
-    "plain": "privml.backends.plain",
-    "ckks": "privml.backends.ckks",
-    "mpc": "privml.backends.mpc",
-    "hybrid": "privml.backends.hybrid",
-}
 INSTALL_HINTS = {
     "tenseal": "pip install tenseal==0.3.18",
     "crypten": "pip install --no-deps crypten==0.4.1 && pip install omegaconf onnx pyyaml",
@@ -25,9 +21,7 @@ INSTALL_HINTS = {
 
 def load_backend(name: str) -> ModuleType:
     """Import the module of backend ``name`` on first use, with a clear error if it cannot load."""
-    if name not in BACKEND_MODULES:
-        raise PrivmlError(f"privml: unknown backend {name!r}; choose one of {sorted(BACKEND_MODULES)}")
-    module_name = BACKEND_MODULES[name]
+    module_name = f"privml.backends.{check_backend(name)}"
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.capture import node_label
-from privml.errors import MalformedInput
+from privml.config import CompileConfig, config_from_dict
+from privml.errors import InvalidInput, MalformedInput
 
 PLAN_VERSION = 1
 
@@ -69,7 +70,7 @@ class Plan:
     params: dict[str, Any] = field(default_factory=dict)
     fixes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the compile config, serialized (CompileConfig.to_dict)
     predicted: dict[str, float] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
@@ -80,6 +81,11 @@ class Plan:
         if any(lv is None for lv in levels):
             return None
         return max(levels, default=0)
+
+    @property
+    def config(self) -> CompileConfig:
+        """The typed compile config this plan was made with (validation data is not stored: None)."""
+        return config_from_dict(self.options, backend=self.backend)
 
     @property
     def security_bits(self) -> int | None:
@@ -109,7 +115,12 @@ class Plan:
         d.pop("total_depth", None)
         d["input_shape"] = tuple(d["input_shape"])
         d["layers"] = [LayerPlan.from_dict(x) for x in d["layers"]]
-        return cls(**d)
+        plan = cls(**d)
+        try:
+            plan.config  # noqa: B018 - a plan whose options no config accepts is malformed
+        except InvalidInput as err:
+            raise MalformedInput(f"privml: the plan's options are not a valid config: {err}") from None
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
