@@ -237,7 +237,7 @@ def test_context_and_ciphertext_round_trip(ctx: CKKSContext, xy) -> None:
 
 def test_public_dump_holds_no_secret_key(ctx: CKKSContext) -> None:
     public = serialize.dump_context(ctx)
-    sk = seal_to_bytes(ctx._sk)
+    sk = seal_to_bytes(ctx.keys.secret_key)
     windows = [sk[i : i + 64] for i in range(64, len(sk) - 64, max(1, (len(sk) - 128) // 16))]
     assert len(windows) >= 16
     assert not any(w in public for w in windows)

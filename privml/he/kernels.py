@@ -8,7 +8,8 @@ Two packings:
   is plaintext-scalar products and additions, no rotations.
 
 Every kernel consumes exactly the levels it documents and returns ciphertexts at the
-canonical scale of their level (see :mod:`privml.he.context`).
+canonical scale of their level (see :mod:`privml.he.chain`).  Kernels use only the public
+interface of :class:`~privml.he.context.CKKSContext` (its guards and op counters apply).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 
 from privml.errors import DepthExhausted, InvalidInput
 from privml.he.context import CKKSContext, seal
+
+__all__ = ["DiagonalMatVec", "dense_throughput", "eval_poly", "poly_depth", "poly_mult_count", "poly_value_bound"]
 
 _KEYS = itertools.count()
 
@@ -174,9 +177,9 @@ class DiagonalMatVec:
         for b, i in terms:
             pt = ctx.encode(lambda g=g, i=i: self._diag(g, i), lvl, p, key=(self._key, g, i))
             if inner is None:
-                inner = ctx._mul_plain_raw(baby[b], pt, seal.Ciphertext())
-            elif ctx._mul_plain_raw(baby[b], pt, tmp) is not None:
-                ctx._add_inplace(inner, tmp)
+                inner = ctx.mul_encoded(baby[b], pt)
+            elif ctx.mul_encoded(baby[b], pt, tmp) is not None:
+                ctx.add_inplace(inner, tmp)
         return inner
 
     def _horner(self, ctx: CKKSContext, inner: dict, gs: range, step: int) -> Any:
@@ -190,17 +193,17 @@ class DiagonalMatVec:
                 if acc is None:
                     acc = part
                 else:
-                    ctx._add_inplace(acc, part)
+                    ctx.add_inplace(acc, part)
         return None if acc is None else ctx.rotate(acc, step)
 
     def apply(self, ctx: CKKSContext, ct: Any) -> Any:
         """Encrypted W x + b; the result is one level down at its canonical scale."""
         if ctx.slots != self.slots:
             raise InvalidInput(f"plan built for {self.slots} slots, context has {ctx.slots}")
-        lvl = ctx._need_levels(ct, 1, "DiagonalMatVec.apply")
+        lvl = ctx.need_levels(ct, 1, "DiagonalMatVec.apply")
         target = ctx.scale_at(lvl - 1)
         p = target * ctx.prime(lvl) / ct.scale
-        ctx._check_product_scale(ct.scale * p, lvl, "DiagonalMatVec.apply")
+        ctx.check_product_scale(ct.scale * p, lvl, "DiagonalMatVec.apply")
         baby = self._babies_of(ctx, ct) if self._groups else {}
         inner = {g: self._inner(ctx, baby, g, terms, lvl, p) for g, terms in self._groups}
         if self.key_mode == "direct":
@@ -218,19 +221,16 @@ class DiagonalMatVec:
             if acc is None:
                 acc = part
             else:
-                ctx._add_inplace(acc, part)
+                ctx.add_inplace(acc, part)
         if acc is None:
-            out = ctx._zero(lvl - 1, target)
+            out = ctx.zero(lvl - 1, target)
         else:
-            ctx._rescale_inplace(acc)
-            acc.scale = target
+            ctx.rescale_inplace(acc, target)
             out = acc
         if self.bias is not None:
             bias = np.zeros(self.slots)
             bias[: self.shape[0]] = self.bias
-            pt = ctx.encode(bias, lvl - 1, out.scale, key=(self._key, "bias"))
-            ctx._evaluator.add_plain_inplace(out, pt)
-            ctx.stats["additions"] += 1
+            ctx.add_encoded_inplace(out, ctx.encode(bias, lvl - 1, out.scale, key=(self._key, "bias")))
         return out
 
 
@@ -324,27 +324,8 @@ class _PolyRun:
         if i not in self.powers:
             hi = 1 << (i.bit_length() - 1)
             a, b = (self.power(hi // 2),) * 2 if hi == i else (self.power(hi), self.power(i - hi))
-            self.powers[i] = self._product(a, b)
+            self.powers[i] = self.ctx.mul_exact(a, b)
         return self.powers[i]
-
-    def _product(self, a: Any, b: Any) -> Any:
-        """a * b at the lower of their levels, relinearized and rescaled; the scale is tracked exactly."""
-        ctx = self.ctx
-        la, lb = ctx.level(a), ctx.level(b)
-        lvl = min(la, lb)
-        a = ctx._mod_switch(a, lvl) if la > lvl else a
-        b = ctx._mod_switch(b, lvl) if lb > lvl else b
-        out = seal.Ciphertext()
-        if a is b:
-            ctx._evaluator.square(a, out)
-        else:
-            ctx._evaluator.multiply(a, b, out)
-        ctx.stats["ct_ct_mults"] += 1
-        ctx._evaluator.relinearize_inplace(out, ctx._rk)
-        scale = a.scale * b.scale / ctx.prime(lvl)
-        ctx._rescale_inplace(out)
-        out.scale = scale
-        return out
 
     def run(self, c: list[float], tree: tuple | None, level: int, scale: float) -> Any:
         """sum_{i>=1} c_i x^i at exactly (level, scale); None when the tree is empty."""
@@ -357,20 +338,19 @@ class _PolyRun:
             acc, tmp = None, seal.Ciphertext()
             for i in tree[1]:
                 pw = self.power(i)
-                src = ctx._mod_switch(pw, level + 1) if ctx.level(pw) > level + 1 else pw
-                pt = ctx._encode_raw(c[i], level + 1, scale * q / pw.scale)
+                src = ctx.mod_switch_to_level(pw, level + 1) if ctx.level(pw) > level + 1 else pw
+                pt = ctx.encode(c[i], level + 1, scale * q / pw.scale)
                 dst = seal.Ciphertext() if acc is None else tmp
-                if ctx._mul_plain_raw(src, pt, dst) is None:  # coefficient rounds to zero
+                if ctx.mul_encoded(src, pt, dst) is None:  # coefficient rounds to zero
                     continue
                 dst.scale = scale * q
                 if acc is None:
                     acc = dst
                 else:
-                    ctx._add_inplace(acc, dst)
+                    ctx.add_inplace(acc, dst)
             if acc is None:
-                return ctx._zero(level, scale)
-            ctx._rescale_inplace(acc)
-            acc.scale = scale
+                return ctx.zero(level, scale)
+            ctx.rescale_inplace(acc, scale)
             return acc
         _, half, tree0, tree1 = tree
         d = _degree(c)
@@ -383,13 +363,12 @@ class _PolyRun:
             s1 = scale * ctx.prime(level + 1) / pw.scale
             r1 = self.run(high, tree1, level + 1, s1)
             if high[0] != 0.0:
-                ctx._evaluator.add_plain_inplace(r1, ctx._encode_raw(high[0], level + 1, s1))
-                ctx.stats["additions"] += 1
-            term = self._product(ctx._mod_switch(pw, level + 1), r1)
+                ctx.add_encoded_inplace(r1, ctx.encode(high[0], level + 1, s1))
+            term = ctx.mul_exact(ctx.mod_switch_to_level(pw, level + 1), r1)
             term.scale = scale
         if r0 is not None:
             r0.scale = scale
-            ctx._add_inplace(term, r0)
+            ctx.add_inplace(term, r0)
         return term
 
 
@@ -412,16 +391,15 @@ def eval_poly(ctx: CKKSContext, ct: Any, coeffs: Sequence[float]) -> Any:
     c = _coeff_list(coeffs)
     d = len(c) - 1
     depth = poly_depth(d)
-    lvl = ctx._need_levels(ct, depth, f"a degree-{d} polynomial")
+    lvl = ctx.need_levels(ct, depth, f"a degree-{d} polynomial")
     if d == 0:
-        return ctx.add_scalar(ctx._zero(lvl, ct.scale), c[0])
+        return ctx.add_scalar(ctx.zero(lvl, ct.scale), c[0])
     target = lvl - depth
     scale = ctx.scale_at(target)
     _, _, tree = _plan(c, depth, frozenset())
     out = _PolyRun(ctx, ct).run(c, tree, target, scale)
     if c[0] != 0.0:
-        ctx._evaluator.add_plain_inplace(out, ctx._encode_raw(c[0], target, scale))
-        ctx.stats["additions"] += 1
+        ctx.add_encoded_inplace(out, ctx.encode(c[0], target, scale))
     return out
 
 
@@ -447,19 +425,18 @@ def dense_throughput(ctx: CKKSContext, cts: list, weight: np.ndarray, bias: np.n
         raise DepthExhausted(
             f"dense layer needs 1 more level but an input is at level {lvl} (parameters have depth {ctx.params.depth})"
         )
-    cts = [c if lv == lvl else ctx._to_canonical(c, lvl) for c, lv in zip(cts, levels, strict=True)]
+    cts = [c if lv == lvl else ctx.to_canonical(c, lvl) for c, lv in zip(cts, levels, strict=True)]
     target = ctx.scale_at(lvl - 1)
     q = ctx.prime(lvl)
     pscale = [target * q / c.scale for c in cts]
     for c, p in zip(cts, pscale, strict=True):
-        ctx._check_product_scale(c.scale * p, lvl, "dense_throughput")
+        ctx.check_product_scale(c.scale * p, lvl, "dense_throughput")
 
     # Row by row: the accumulator stays in cache while the inputs stream past it, and each
     # scalar is encoded right before use (a SEAL scalar encode is ~1/10 of a ct-pt product and
     # leaves the plaintext hot).  Measured (N=8192, 6 primes, TutorialCNN conv rows): 0.47 ms
     # per product this way vs 0.55 ms with a per-value plaintext cache and 0.58 ms grouping
     # the products by weight value (the cached plaintexts evict the accumulator).
-    mul, add = ctx._evaluator.multiply_plain, ctx._evaluator.add_inplace
     tmp = seal.Ciphertext()
     out = []
     for j in range(m):
@@ -472,24 +449,18 @@ def dense_throughput(ctx: CKKSContext, cts: list, weight: np.ndarray, bias: np.n
             if last is not None and last[0] == value and last[1] == p:
                 pt = last[2]
             else:
-                pt = ctx._encode_raw(value, lvl, p)
+                pt = ctx.encode(value, lvl, p)
                 last = (value, p, pt)
             if acc is None:
-                acc = seal.Ciphertext()
-                mul(cts[i], pt, acc)
-            else:
-                mul(cts[i], pt, tmp)
-                add(acc, tmp)
-                ctx.stats["additions"] += 1
-            ctx.stats["ct_pt_mults"] += 1
+                acc = ctx.mul_encoded(cts[i], pt)
+            elif ctx.mul_encoded(cts[i], pt, tmp) is not None:
+                ctx.add_inplace(acc, tmp)
         if acc is None:
-            acc = ctx._zero(lvl - 1, target)
+            acc = ctx.zero(lvl - 1, target)
         else:
-            ctx._rescale_inplace(acc)
-            acc.scale = target
+            ctx.rescale_inplace(acc, target)
         if b is not None and b[j] != 0.0:
-            ctx._evaluator.add_plain_inplace(acc, ctx._encode_raw(float(b[j]), lvl - 1, target))
-            ctx.stats["additions"] += 1
+            ctx.add_encoded_inplace(acc, ctx.encode(float(b[j]), lvl - 1, target))
         out.append(acc)
     return out
 

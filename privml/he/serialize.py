@@ -27,16 +27,10 @@ import struct
 from typing import Any
 
 from privml.errors import InvalidInput, KeyMaterialError, MalformedInput
-from privml.he.context import (
-    CKKSContext,
-    build_seal_context,
-    fingerprint_of,
-    galois_elt,
-    seal,
-    seal_from_bytes,
-    seal_to_bytes,
-)
+from privml.he.context import CKKSContext
+from privml.he.keys import KeySet, build_seal_context, fingerprint_of, galois_elt
 from privml.he.params import CKKSParams
+from privml.he.sealio import seal, seal_from_bytes, seal_to_bytes
 
 MAGIC = b"PRIVMLHE"
 FORMAT_VERSION = 1
@@ -210,10 +204,11 @@ def dump_context(ctx: CKKSContext, include_secret: bool = False) -> bytes:
     if include_secret and not ctx.has_secret_key:
         raise KeyMaterialError("include_secret=True but this context holds no secret key")
     meta = json.dumps({"params": ctx.params.to_dict(), "rotation_steps": sorted(ctx.rotation_steps)}).encode()
-    galois = seal_to_bytes(ctx._gk) if ctx.rotation_steps else b""
-    sections = [meta, seal_to_bytes(ctx._pk), seal_to_bytes(ctx._rk), galois]
+    keys = ctx.keys
+    galois = seal_to_bytes(keys.galois_keys) if keys.rotation_steps else b""
+    sections = [meta, seal_to_bytes(keys.public_key), seal_to_bytes(keys.relin_keys), galois]
     if include_secret:
-        sections.append(seal_to_bytes(ctx._sk))
+        sections.append(seal_to_bytes(keys.secret_key))
     return _pack(KIND_CONTEXT, FLAG_SECRET if include_secret else 0, ctx.fingerprint, sections)
 
 
@@ -268,7 +263,7 @@ def load_context(data: bytes, allow_insecure: bool = False) -> CKKSContext:
     if has_secret:
         sk_bound = _poly_bytes(params, n_key) + _SLACK
         sk = seal_from_bytes(seal.SecretKey(), seal_ctx, _seal_blob(sections[4], sk_bound, "secret key"))
-    ctx = CKKSContext(params, seal_ctx, pk, rk, gk, steps, secret_key=sk, fingerprint=fp)
+    ctx = CKKSContext(KeySet(params, seal_ctx, pk, rk, gk, steps, secret_key=sk, fingerprint=fp))
     if sk is not None:
         probe = [0.5, -0.25, 0.125]
         got = ctx.decrypt(ctx.encrypt(probe))[:3]
@@ -315,7 +310,7 @@ def load_ciphertexts(ctx: CKKSContext, data: bytes) -> list:
         s = ct.scale
         if not (math.isfinite(s) and s >= 2.0 ** (params.scale_bits - 8)):
             raise MalformedInput(f"ciphertext {i} has an implausible scale {s!r}")
-        if math.log2(s) >= ctx._level_bits[lvl] - 1:
+        if math.log2(s) >= ctx.chain.bits(lvl) - 1:
             raise MalformedInput(f"ciphertext {i}: scale 2^{math.log2(s):.1f} exceeds its level's modulus")
         out.append(ct)
     return out
