@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from privml.approx.basis import poly_depth
 from privml.errors import DepthExhausted, InvalidInput
 from privml.he.context import CKKSContext, seal
 
@@ -236,13 +237,6 @@ class DiagonalMatVec:
 
 # ------------------------------------------------------------------------------------------------
 # Polynomials
-
-
-def poly_depth(degree: int) -> int:
-    """Levels :func:`eval_poly` consumes for a polynomial of this degree: ceil(log2(degree + 1))."""
-    if degree < 0:
-        raise InvalidInput(f"degree must be >= 0, got {degree}")
-    return int(degree).bit_length() if degree > 0 else 0
 
 
 def _coeff_list(coeffs: Sequence[float]) -> list[float]:
