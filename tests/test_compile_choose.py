@@ -260,14 +260,16 @@ def test_hybrid_places_enclave_refreshes_to_fit_the_segment_depth() -> None:
         layers += [nn.Linear(6, 6), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(6, 2))
     calib = torch.randn(128, 6)
-    deep = privml.compile(model, calib, backend="hybrid", degree=7, refresh_depth=8)  # 4 x (1 + 3) + 1 levels
-    assert len(deep.plan.params["refresh_points"]) == 2
-    assert deep.plan.params["segment_depth"] <= 8
-    assert max(lp.level for lp in deep.plan.layers) <= 8
-    roomy = privml.compile(model, calib, backend="hybrid", degree=7, refresh_depth=17)
-    assert roomy.plan.params["refresh_points"] == []
+    # the approximation pass plans hybrid already; privml.compile refuses backend="hybrid" until its backend exists
+    gm, _ = fix(model, calib[:64])
+    stats = calibrate(gm, [calib], (6,))
+    deep = choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=8)  # 4 x (1 + 3) + 1 levels
+    assert len(deep.refresh_points) == 2
+    assert max(deep.levels.values()) <= 8
+    roomy = choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=17)
+    assert roomy.refresh_points == []
     with pytest.raises(BudgetError, match="refresh"):
-        privml.compile(model, calib, backend="hybrid", degree=7, refresh_depth=3)
+        choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=3)
 
 
 # --------------------------------------------------------------------------------------------- budgets

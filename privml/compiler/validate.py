@@ -22,9 +22,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from privml import functional as PF
 from privml.compiler.capture import capture, node_label
+from privml.config import BACKENDS  # the one declaration of the backends
 from privml.errors import PrivmlError, Problem, UnsupportedModule
-
-BACKENDS = ("plain", "ckks", "mpc", "hybrid")
 
 ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.ReLU6)
 NEUTRAL_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Sequential, nn.ModuleList,
