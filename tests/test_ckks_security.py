@@ -40,7 +40,7 @@ def test_server_round_trip_without_secret_key(setup) -> None:
 
 def test_nothing_the_server_receives_contains_the_secret_key(setup) -> None:
     compiled, session, x, request = setup
-    sk = seal_to_bytes(session.backend.ctx._sk)
+    sk = seal_to_bytes(session.backend.ctx.keys.secret_key)
     windows = [sk[i:i + 64] for i in range(64, len(sk) - 64, (len(sk) - 128) // 16)]
     received = session.backend.public_context() + request + compiled.plan.to_json().encode()
     assert len(windows) >= 16 and not any(w in received for w in windows)

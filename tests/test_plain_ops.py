@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from privml import functional as PF
 from privml.backends.plain import PlainBackend, PlainTensor, Simulation
 from privml.errors import RangeViolation, UnsupportedOperation
-from privml.registry import REGISTRY
 
 T = torch.Tensor
 B = PlainBackend()

@@ -87,11 +87,6 @@ class CKKSContext:
         return self.keys.has_secret_key
 
     @property
-    def _sk(self) -> Any:
-        # Kept for tests/test_ckks_security.py, which reads it; use ``keys.secret_key``.
-        return self.keys.secret_key
-
-    @property
     def rotation_steps(self) -> frozenset[int]:
         """Rotation steps with Galois keys, normalized to [1, slots) (step -1 appears as slots - 1)."""
         return self.keys.rotation_steps
