@@ -83,8 +83,9 @@ class OpSpec:
         return self.support.get(backend)
 
     def needs_handler(self, backend: str) -> bool:
-        """True when ``backend``'s tensor class must have a handler for every entry point of this op."""
-        return self.how(backend) in ("exact", "identity")
+        """True when ``backend``'s tensor class must have a handler for every entry point of this op
+        (metadata reads such as ``x.size()`` are answered by the tensor core itself)."""
+        return self.kind != "metadata" and self.how(backend) in ("exact", "identity")
 
     def refusal(self, backend: str) -> str:
         """Why ``backend`` does not run this op here (for error messages)."""
@@ -236,6 +237,13 @@ class OpRegistry:
             else:
                 self._modules.append((m, spec))
         return spec
+
+    def unregister(self, name: str) -> None:
+        """Remove the op ``name`` (and its entry points) from the registry."""
+        spec = self._specs.pop(name)
+        self._by_function = {f: s for f, s in self._by_function.items() if s is not spec}
+        self._by_method = {m: s for m, s in self._by_method.items() if s is not spec}
+        self._modules = [(m, s) for m, s in self._modules if s is not spec]
 
     def _resolve(self) -> None:
         while self._pending:

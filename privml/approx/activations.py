@@ -42,6 +42,23 @@ def softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
+def elu(x: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+
+def hardtanh(x: np.ndarray, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    return np.clip(x, lo, hi)
+
+
+def hardswish(x: np.ndarray) -> np.ndarray:
+    return x * np.clip(np.asarray(x, dtype=float) + 3.0, 0.0, 6.0) / 6.0
+
+
+def hardsigmoid(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.asarray(x, dtype=float) / 6.0 + 0.5, 0.0, 1.0)
+
+
 def square(x: np.ndarray) -> np.ndarray:
     return np.square(x)
 
@@ -52,18 +69,21 @@ def abs_(x: np.ndarray) -> np.ndarray:
 
 ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
     "relu": relu, "leaky_relu": leaky_relu, "gelu": gelu, "silu": silu, "sigmoid": sigmoid, "tanh": tanh,
-    "softplus": softplus, "square": square, "abs": abs_,
+    "softplus": softplus, "square": square, "abs": abs_, "elu": elu, "hardtanh": hardtanh, "hardswish": hardswish,
+    "hardsigmoid": hardsigmoid,
 }
+PARAMS: dict[str, set[str]] = {"leaky_relu": {"slope"}, "elu": {"alpha"}, "hardtanh": {"lo", "hi"}}
+"""The parameters each activation takes (the rest take none)."""
 
 
 def lookup(name: str, params: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
-    """The activation ``name`` with ``params`` bound (only leaky_relu takes one: ``slope``); InvalidInput if unknown."""
+    """The activation ``name`` with ``params`` bound (see ``PARAMS``); InvalidInput if unknown."""
     if name not in ACTIVATIONS:
         raise InvalidInput(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
-    if params and name != "leaky_relu":
-        raise InvalidInput(f"activation {name!r} takes no parameters, got {sorted(params)}")
-    if set(params) - {"slope"}:
-        raise InvalidInput(f"leaky_relu takes only 'slope', got {sorted(params)}")
+    extra = set(params) - PARAMS.get(name, set())
+    if extra:
+        raise InvalidInput(f"activation {name!r} takes {sorted(PARAMS.get(name, set())) or 'no parameters'}, "
+                           f"got {sorted(extra)}")
     fn = ACTIVATIONS[name]
     return (lambda x: fn(x, **params)) if params else fn
 

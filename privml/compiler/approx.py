@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,13 +19,7 @@ from privml.compiler.calibrate import RangeStats
 from privml.compiler.capture import node_label
 from privml.errors import CalibrationError, InvalidInput
 from privml.nn import PolyActivation
-
-MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
-                      nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softplus: "softplus"}
-FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu",
-                        F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
-                        F.tanh: "tanh", F.softplus: "softplus"}
-METHOD_ACTIVATIONS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+from privml.registry import REGISTRY
 
 
 @dataclass
@@ -41,27 +34,52 @@ class ActivationSite:
     hi: float
 
 
-def _kind_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, dict] | None:
+def _arg(node: fx.Node, index: int, name: str, default: float) -> float:
+    if name in node.kwargs:
+        return float(node.kwargs[name])
+    return float(node.args[index]) if len(node.args) > index else default
+
+
+def _params(kind: str, node: fx.Node, mod: nn.Module | None) -> dict:
+    """The activation's parameters, from its module or its call's arguments."""
+    if kind == "leaky_relu":
+        return {"slope": float(mod.negative_slope) if mod is not None else _arg(node, 1, "negative_slope", 0.01)}
+    if kind == "elu":
+        return {"alpha": float(mod.alpha) if mod is not None else _arg(node, 1, "alpha", 1.0)}
+    if kind == "hardtanh":
+        if mod is not None:
+            return {"lo": float(mod.min_val), "hi": float(mod.max_val)}
+        if node.target is F.relu6:
+            return {"lo": 0.0, "hi": 6.0}
+        return {"lo": _arg(node, 1, "min_val", -1.0), "hi": _arg(node, 2, "max_val", 1.0)}
+    if kind == "softplus":
+        beta = float(mod.beta) if mod is not None else _arg(node, 1, "beta", 1.0)
+        if beta != 1.0:
+            raise InvalidInput(f"privml: softplus with beta={beta} at '{node_label(node)}' cannot be approximated "
+                               "yet (only beta=1)")
+    return {}
+
+
+def _kind_of(node: fx.Node, modules: dict[str, nn.Module], backend: str) -> tuple[str, dict] | None:
+    """(activation name, parameters) when the registry leaves this node to the compiler on ``backend``."""
+    mod = modules[node.target] if node.op == "call_module" else None
     if node.op == "call_module":
-        mod = modules[node.target]
-        for cls, name in MODULE_ACTIVATIONS.items():
-            if type(mod) is cls:
-                return name, ({"slope": float(mod.negative_slope)} if name == "leaky_relu" else {})
+        spec = REGISTRY.for_module(mod)
+    elif node.op == "call_function":
+        spec = REGISTRY.for_function(node.target)
+    elif node.op == "call_method":
+        spec = REGISTRY.for_method(str(node.target))
+    else:
         return None
-    if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
-        name = FUNCTION_ACTIVATIONS[node.target]
-        if name == "leaky_relu":
-            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-            return name, {"slope": float(slope)}
-        return name, {}
-    if node.op == "call_method" and node.target in METHOD_ACTIVATIONS:
-        return METHOD_ACTIVATIONS[str(node.target)], {}
-    return None
+    if spec is None or spec.kind != "activation" or spec.how(backend) != "approx":
+        return None
+    return spec.name, _params(spec.name, node, mod)
 
 
 def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: float = 0.1,
-                     percentile: tuple[float, float] | None = None) -> list[ActivationSite]:
-    """Every non-polynomial activation with its input interval widened by ``margin`` of its width.
+                     percentile: tuple[float, float] | None = None, backend: str = "ckks") -> list[ActivationSite]:
+    """Every activation the registry leaves to the compiler on ``backend`` (all non-polynomial ones on CKKS;
+    those without an exact protocol on MPC), with its input interval widened by ``margin`` of its width.
 
     The interval is the calibrated [min, max] of the activation's input, or with ``percentile``
     = (low, high) (in percent, e.g. (0.1, 99.9)) those percentiles of it: tighter, so a cheaper
@@ -76,7 +94,7 @@ def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: f
     modules = dict(gm.named_modules())
     sites = []
     for node in gm.graph.nodes:
-        found = _kind_of(node, modules)
+        found = _kind_of(node, modules, backend)
         if found is None:
             continue
         src = node.args[0]

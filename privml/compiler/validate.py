@@ -2,16 +2,16 @@
 
 ``validate`` walks the modules *and* the traced graph (functional calls inside
 ``forward`` count) and returns all problems at once, each with the module's
-qualified name. ``fix`` applies the safe fixes (fold BatchNorm into the
-preceding conv/linear, drop ``inplace=True``, set eval mode) and, only when
-asked, the lossy one (MaxPool -> AvgPool, with a warning), checking numerically
-that the safe fixes did not change the function.
+qualified name. What each backend supports comes from :mod:`privml.registry`, the
+table the backends' op handlers are registered from, so the two cannot disagree.
+``fix`` applies the safe fixes (fold BatchNorm into the preceding conv/linear,
+drop ``inplace=True``, set eval mode) and, only when asked, the lossy one
+(MaxPool -> AvgPool, with a warning), checking numerically that the safe fixes did not change the function.
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 
 import torch
@@ -20,35 +20,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from privml import functional as PF
 from privml.compiler.capture import capture, node_label
 from privml.config import BACKENDS  # the one declaration of the backends
 from privml.errors import PrivmlError, Problem, UnsupportedModule
+from privml.registry import REGISTRY, OpSpec
+from privml.tensor import is_inplace
 
-ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.ReLU6)
-NEUTRAL_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Sequential, nn.ModuleList,
-                   nn.ModuleDict)
-LINEAR_MODULES = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d)
-
-# Functional calls and tensor methods a private tensor can take (per the shared op table).
-SUPPORTED_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.neg, operator.matmul, operator.truediv, operator.getitem,
-    torch.add, torch.sub, torch.mul, torch.neg, torch.matmul, torch.flatten, torch.reshape, torch.cat, torch.square,
-    torch.sum, torch.mean, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
-    F.linear, F.conv2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.relu, F.leaky_relu, F.gelu, F.silu,
-    F.sigmoid, F.tanh, F.softplus, F.softmax, F.dropout, F.batch_norm, getattr, operator.pow, torch.pow,
-    PF.polyval,
-}
-SUPPORTED_METHODS = {
-    "add", "sub", "mul", "neg", "matmul", "flatten", "view", "reshape", "size", "dim", "sum", "mean", "relu",
-    "sigmoid", "tanh", "softmax", "square", "contiguous", "float", "pow", "__add__", "__mul__", "__sub__",
-}
-INPLACE_METHODS_HINT = "in-place writes into a private tensor are not supported"
-NONPOLY_ACTIVATIONS = {torch.relu, F.relu, F.leaky_relu, F.gelu, F.silu, F.sigmoid, torch.sigmoid, torch.tanh,
-                       F.tanh, F.softplus, "relu", "sigmoid", "tanh"}
+INPLACE_HINT = "in-place writes into a private tensor are not supported"
+DATA_ACCESS = ("item", "tolist", "numpy", "__bool__")
+_MAXPOOL_FIX = "compile(..., replace_maxpool=True) swaps it for AvgPool2d with the same window (changes the " \
+    "function: retrain or fine-tune), or use the mpc backend."
 
 
 def _module_problems(model: nn.Module, backend: str) -> list[Problem]:
+    """What a module walk shows before tracing: training mode and in-place flags (both fixable)."""
     problems: list[Problem] = []
     if model.training:
         problems.append(Problem("", "training_mode", "the model is in training mode (dropout/BatchNorm statistics "
@@ -57,81 +42,132 @@ def _module_problems(model: nn.Module, backend: str) -> list[Problem]:
         if getattr(mod, "inplace", False):
             problems.append(Problem(name, "inplace", f"{type(mod).__name__}(inplace=True) writes into its input; "
                                     "private tensors are immutable.", "replace with inplace=False.", "fixable"))
-        if isinstance(mod, nn.MaxPool2d) and backend in ("ckks", "hybrid"):
-            problems.append(Problem(name, "maxpool", "MaxPool2d needs comparisons, which CKKS cannot compute "
-                                    "exactly.", "compile(..., replace_maxpool=True) swaps it for AvgPool2d with the "
-                                    "same window (changes the function: retrain or fine-tune).", "error"))
-        elif isinstance(mod, ACTIVATION_MODULES) and backend in ("ckks", "hybrid"):
-            problems.append(Problem(name, "approximated", f"{type(mod).__name__} is not a polynomial: it will be "
-                                    "replaced by a polynomial fitted on its calibrated input range.", None, "info"))
-        elif isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
-            problems.append(Problem(name, "unsupported", f"{type(mod).__name__} divides by a data-dependent standard "
-                                    "deviation, which privml cannot compute on private values yet.",
-                                    "use BatchNorm (folded at compile time) instead.", "error"))
-        elif isinstance(mod, (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Transformer,
-                              nn.TransformerEncoderLayer, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Upsample,
-                              nn.LPPool2d, nn.AdaptiveMaxPool2d)):
-            problems.append(Problem(name, "unsupported", f"{type(mod).__name__} is not supported by privml yet.",
-                                    None, "error"))
-        elif isinstance(mod, nn.Softmax) and backend != "plain":
-            problems.append(Problem(name, "client_side", "Softmax is left to the client: the server returns logits "
-                                    "and the client applies softmax/argmax after decryption.", None, "info"))
     return problems
+
+
+def _leaf_problems(model: nn.Module, backend: str) -> list[Problem]:
+    """Support of each torch.nn leaf module, for models that cannot be traced (the graph walk covers the rest)."""
+    problems = []
+    for name, mod in model.named_modules():
+        if mod is model or list(mod.children()) or not type(mod).__module__.startswith("torch.nn"):
+            continue
+        spec = REGISTRY.for_module(mod)
+        problems += _support_problems(name, spec, type(mod).__name__, backend)
+    return problems
+
+
+def _support_problems(label: str, spec: OpSpec | None, what: str, backend: str, last: bool = True) -> list[Problem]:
+    """The registry's verdict on running ``what`` (an op of ``spec``) on ``backend``."""
+    if spec is None:
+        return [Problem(label, "unsupported", f"{what} has no private implementation (it is not in privml's op "
+                        "registry).", "use supported layers, or declare it with privml.registry.register and give "
+                        "the backend a handler.", "error")]
+    how = spec.how(backend)
+    if how is None:
+        kind = "maxpool" if spec.name == "max_pool2d" else "unsupported"
+        return [Problem(label, kind, f"{what}: {spec.refusal(backend)}", _MAXPOOL_FIX if kind == "maxpool" else None,
+                        "error")]
+    if how == "approx":
+        return [Problem(label, "approximated", f"{what} has no exact protocol on {backend}: it will be replaced by a "
+                        "polynomial fitted on its calibrated input range.", None, "info")]
+    if how == "client" and not last:
+        return [Problem(label, "client_side", f"{what}: {spec.refusal(backend)}", "move it after decryption (end "
+                        "the model with it, or drop it and apply it on the client).", "error")]
+    if how == "client":
+        return [Problem(label, "client_side", f"{what} ends the model: the server returns its input and the client "
+                        "applies it after decryption.", None, "info")]
+    return []
+
+
+def private_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on the model's input (metadata reads such as ``x.size(0)`` do not)."""
+    private: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            private.add(node)
+        elif node.op in ("call_function", "call_method", "call_module") and any(
+                a in private for a in node.all_input_nodes):
+            spec = _spec_of(node, gm)
+            if spec is None or spec.kind != "metadata":
+                private.add(node)
+    return private
+
+
+def _spec_of(node: fx.Node, gm: fx.GraphModule) -> OpSpec | None:
+    if node.op == "call_module":
+        return REGISTRY.for_module(gm.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        return REGISTRY.for_function(node.target)
+    if node.op == "call_method":
+        return REGISTRY.for_method(str(node.target))
+    return None
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return f"tensor method .{node.target}()"
+    target = node.target
+    return f"{getattr(target, '__module__', None) or ''}.{getattr(target, '__name__', str(target))}".lstrip(".")
+
+
+def _is_inplace_call(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return is_inplace(node.target) or getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_method":
+        name = str(node.target)
+        return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+    return False
+
+
+def _read_after(node: fx.Node, value: object, order: dict[fx.Node, int]) -> bool:
+    """True if ``value`` (a node) is used by some node after ``node``: an in-place write would be visible there."""
+    return isinstance(value, fx.Node) and any(order[u] > order[node] for u in value.users if u is not node)
 
 
 def _graph_problems(gm: fx.GraphModule, backend: str) -> list[Problem]:
     problems: list[Problem] = []
     modules = dict(gm.named_modules())
+    private = private_nodes(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
     for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node not in private:
+            continue
+        if node.op == "placeholder" or not any(a in private for a in node.all_input_nodes):
+            continue
         label = node_label(node)
-        if node.op == "call_function":
-            target = node.target
-            tname = getattr(target, "__name__", str(target))
-            if target in (operator.setitem, operator.iadd, operator.imul, operator.isub) or tname.endswith("_"):
-                problems.append(Problem(label, "inplace", f"{tname} writes in place into a tensor; "
-                                        f"{INPLACE_METHODS_HINT}.", "use the out-of-place form.", "error"))
-            elif target is operator.truediv and isinstance(node.args[1], fx.Node):
-                problems.append(Problem(label, "unsupported", "division by a (possibly private) tensor is not "
-                                        "available; divide by a public constant.", None, "error"))
-            elif target not in SUPPORTED_FUNCTIONS:
-                problems.append(Problem(label, "unsupported", f"function {getattr(target, '__module__', '')}."
-                                        f"{tname} has no private implementation.", None, "error"))
-            elif target is F.max_pool2d and backend in ("ckks", "hybrid"):
-                problems.append(Problem(label, "maxpool", "max_pool2d needs comparisons, which CKKS cannot compute "
-                                        "exactly.", "compile(..., replace_maxpool=True) uses avg_pool2d.", "error"))
-        elif node.op == "call_method":
-            if node.target in ("item", "tolist", "numpy", "__bool__"):
-                problems.append(Problem(label, "data_access", f".{node.target}() reads private values in clear.",
-                                        "do this on the client after decryption.", "error"))
-            elif node.target.endswith("_") and not node.target.startswith("__"):
-                problems.append(Problem(label, "inplace", f".{node.target}() writes in place; "
-                                        f"{INPLACE_METHODS_HINT}.", "use the out-of-place method.", "error"))
-            elif node.target not in SUPPORTED_METHODS:
-                problems.append(Problem(label, "unsupported", f"tensor method .{node.target}() has no private "
-                                        "implementation.", None, "error"))
-        elif node.op == "call_module":
-            mod = modules[node.target]
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                prev = node.args[0]
-                foldable = (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
-                            and isinstance(modules[prev.target], (nn.Conv2d, nn.Linear)))
-                if foldable:
-                    problems.append(Problem(label, "batchnorm", f"{type(mod).__name__} follows {prev.target}.",
-                                            f"fold it into {prev.target} (exact; privml.compile does).", "fixable"))
-                else:
-                    problems.append(Problem(label, "batchnorm", f"{type(mod).__name__} does not directly follow a "
-                                            "conv/linear layer; it runs as a per-channel affine map (one plaintext "
-                                            "multiply).", None, "info"))
-            known = isinstance(mod, ACTIVATION_MODULES + NEUTRAL_MODULES + LINEAR_MODULES + (nn.MaxPool2d, nn.Softmax))
-            custom_leaf = type(mod).__module__.startswith("privml.")
-            flagged = isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.RNNBase,
-                                       nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Transformer,
-                                       nn.TransformerEncoderLayer, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d,
-                                       nn.Upsample, nn.LPPool2d, nn.AdaptiveMaxPool2d))
-            if not (known or custom_leaf or flagged):
-                problems.append(Problem(label, "unsupported", f"module type {type(mod).__name__} has no private "
-                                        "implementation.", None, "error"))
+        if node.op == "call_method" and node.target in DATA_ACCESS:
+            problems.append(Problem(label, "data_access", f".{node.target}() reads private values in clear.",
+                                    "do this on the client after decryption.", "error"))
+            continue
+        if node.op == "call_module" and type(modules[node.target]).__module__.startswith("privml."):
+            continue  # privml's own approximations are built from registry ops
+        spec = _spec_of(node, gm)
+        last = list(node.users) == [output]
+        problems += _support_problems(label, spec, _describe(node, gm), backend, last)
+        if spec is not None and spec.check is not None and spec.how(backend) is not None:
+            reason = spec.check(tuple(node.args), dict(node.kwargs), private.__contains__, backend)
+            if reason:
+                problems.append(Problem(label, "unsupported", f"{_describe(node, gm)}: {reason}", None, "error"))
+        if _is_inplace_call(node) and node.args and _read_after(node, node.args[0], order):
+            problems.append(Problem(label, "inplace", f"{_describe(node, gm)} writes in place into a tensor that is "
+                                    f"read again later; {INPLACE_HINT}.", "use the out-of-place form.", "error"))
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            problems.append(_batchnorm_problem(node, label, modules))
     return problems
+
+
+def _batchnorm_problem(node: fx.Node, label: str, modules: dict[str, nn.Module]) -> Problem:
+    mod, prev = modules[node.target], node.args[0]
+    foldable = (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and isinstance(modules[prev.target], (nn.Conv2d, nn.Linear)))
+    if foldable:
+        return Problem(label, "batchnorm", f"{type(mod).__name__} follows {prev.target}.",
+                       f"fold it into {prev.target} (exact; privml.compile does).", "fixable")
+    return Problem(label, "batchnorm", f"{type(mod).__name__} does not directly follow a conv/linear layer; it runs "
+                   "as a per-channel affine map (one plaintext multiply).", None, "info")
 
 
 def validate(model: nn.Module, backend: str = "ckks") -> list[Problem]:
@@ -142,7 +178,7 @@ def validate(model: nn.Module, backend: str = "ckks") -> list[Problem]:
     try:
         gm = capture(model)
     except UnsupportedModule as err:
-        return problems + err.problems
+        return problems + err.problems + _leaf_problems(model, backend)
     seen = {(p.name, p.kind) for p in problems}
     problems += [p for p in _graph_problems(gm, backend) if (p.name, p.kind) not in seen]
     return problems
