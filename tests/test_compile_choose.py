@@ -23,19 +23,10 @@ from models.digits import DigitsCNN
 from models.resnet import SmallResNet
 from privml.compiler.approx import ActivationSite
 from privml.compiler.calibrate import calibrate
-from privml.compiler.choose import (
-    MPC_PRODUCT_BYTES,
-    MPC_RELU_BYTES,
-    MPC_RELU_ROUNDS,
-    apply_choice,
-    candidates,
-    cheapest_within,
-    choose,
-    exact_function,
-    frontier,
-    graph_cost,
-    mpc_poly_cost,
-)
+from privml.compiler.candidates import candidates, cheapest_within, frontier
+from privml.compiler.choose import apply_choice, choose
+from privml.compiler.costs import MPC_PRODUCT_BYTES, MPC_RELU_BYTES, MPC_RELU_ROUNDS, graph_cost, mpc_poly_cost
+from privml.compiler.evaluate import exact_function
 from privml.compiler.validate import fix
 from privml.errors import BudgetError, CalibrationError, InvalidInput
 from privml.nn import APPROX_MODULES
