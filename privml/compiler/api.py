@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from privml.compiler.approx import needs_approximation
 from privml.compiler.calibrate import as_batches, calibrate
 from privml.compiler.plan import Plan, build_plan
 from privml.compiler.validate import fix, raise_if_errors, validate
@@ -92,7 +93,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
     raise_if_errors(validate(gm, backend), model)
     stats = calibrate(gm, batches, input_shape)
     choice, names = None, {}
-    if cfg.approximates:
+    if cfg.approximates or needs_approximation(gm, backend):
         from privml.compiler.choose import apply_choice, choose
 
         choice = choose(gm, stats, backend, torch.cat(batches)[:512], **cfg.choose_options())

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from privml.approx.activations import ACTIVATIONS
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.capture import node_label
 from privml.errors import CalibrationError, InvalidInput
@@ -60,8 +61,10 @@ def _params(kind: str, node: fx.Node, mod: nn.Module | None) -> dict:
     return {}
 
 
-def _kind_of(node: fx.Node, modules: dict[str, nn.Module], backend: str) -> tuple[str, dict] | None:
-    """(activation name, parameters) when the registry leaves this node to the compiler on ``backend``."""
+def _kind_of(node: fx.Node, modules: dict[str, nn.Module], backend: str, every: bool = False
+             ) -> tuple[str, dict] | None:
+    """(activation name, parameters) when the registry leaves this node to the compiler on ``backend``
+    (``every``: any activation privml can fit, e.g. to let a budget trade MPC's exact ReLU for a polynomial)."""
     mod = modules[node.target] if node.op == "call_module" else None
     if node.op == "call_module":
         spec = REGISTRY.for_module(mod)
@@ -71,13 +74,22 @@ def _kind_of(node: fx.Node, modules: dict[str, nn.Module], backend: str) -> tupl
         spec = REGISTRY.for_method(str(node.target))
     else:
         return None
-    if spec is None or spec.kind != "activation" or spec.how(backend) != "approx":
+    if spec is None or spec.kind != "activation" or spec.name not in ACTIVATIONS:
+        return None
+    if not every and spec.how("ckks" if backend == "hybrid" else backend) != "approx":
         return None
     return spec.name, _params(spec.name, node, mod)
 
 
+def needs_approximation(gm: fx.GraphModule, backend: str) -> bool:
+    """True if some activation of ``gm`` has no exact protocol on ``backend`` (the registry says "approx")."""
+    modules = dict(gm.named_modules())
+    return any(_kind_of(node, modules, backend) is not None for node in gm.graph.nodes)
+
+
 def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: float = 0.1,
-                     percentile: tuple[float, float] | None = None, backend: str = "ckks") -> list[ActivationSite]:
+                     percentile: tuple[float, float] | None = None, backend: str = "ckks",
+                     every: bool = False) -> list[ActivationSite]:
     """Every activation the registry leaves to the compiler on ``backend`` (all non-polynomial ones on CKKS;
     those without an exact protocol on MPC), with its input interval widened by ``margin`` of its width.
 
@@ -94,7 +106,7 @@ def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: f
     modules = dict(gm.named_modules())
     sites = []
     for node in gm.graph.nodes:
-        found = _kind_of(node, modules, backend)
+        found = _kind_of(node, modules, backend, every)
         if found is None:
             continue
         src = node.args[0]

@@ -156,7 +156,9 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
     """
     _check_targets(backend, max_error, accuracy_tolerance, validation, depth_budget, degree)
     val = _check_validation(validation, tuple(calibration.shape[1:])) if validation is not None else None
-    sites = find_activations(gm, stats, margin, percentile=PERCENTILES if percentile is True else percentile)
+    budget = any(v is not None for v in (max_error, accuracy_tolerance, depth_budget))
+    sites = find_activations(gm, stats, margin, percentile=PERCENTILES if percentile is True else percentile,
+                             backend=backend, every=backend == "mpc" and budget)
     mode = ("fixed_degree" if degree is not None else "accuracy_tolerance" if accuracy_tolerance is not None
             else "max_error" if max_error is not None else "depth_budget" if depth_budget is not None else "default")
     targets = {k: v for k, v in (("max_error", max_error), ("accuracy_tolerance", accuracy_tolerance),

@@ -18,7 +18,7 @@ from privml.errors import InvalidInput
 
 _EXACT: dict[str, Callable[..., torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "softplus": F.softplus,
+    "softplus": F.softplus, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
 }
 
 
@@ -27,6 +27,12 @@ def exact_function(kind: str, params: dict[str, Any]) -> Callable[[torch.Tensor]
     if kind == "leaky_relu":
         slope = float(params.get("slope", 0.01))
         return lambda x: F.leaky_relu(x, slope)
+    if kind == "elu":
+        alpha = float(params.get("alpha", 1.0))
+        return lambda x: F.elu(x, alpha)
+    if kind == "hardtanh":
+        lo, hi = float(params.get("lo", -1.0)), float(params.get("hi", 1.0))
+        return lambda x: F.hardtanh(x, lo, hi)
     if kind not in _EXACT:
         raise InvalidInput(f"privml: no approximation for activation {kind!r}")
     return _EXACT[kind]

@@ -1,0 +1,96 @@
+"""Regression tests for the architecture findings: validation and backends disagreeing, the shadowed package,
+and the zoo's building blocks failing only at run time. (Unknown options: tests/test_config.py.)"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import privml
+from privml.errors import UnsupportedModule
+
+
+class Fn(nn.Module):
+    def __init__(self, fn: object) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _blocking(model: nn.Module, backend: str) -> list:
+    return [p for p in privml.validate(model, backend) if p.severity == "error"]
+
+
+@pytest.mark.parametrize("backend", ["plain", "ckks", "mpc"])
+def test_torch_div_by_a_constant_validates_everywhere(backend: str) -> None:
+    assert not _blocking(Fn(lambda x: torch.div(x, 2.0)), backend)
+    assert _blocking(Fn(lambda x: torch.div(x, x + 1.0)), backend)  # by a private value: refused
+
+
+def test_unsqueeze_squeeze_validate_on_mpc() -> None:
+    assert not _blocking(Fn(lambda x: x.unsqueeze(1).squeeze(1)), "mpc")
+
+
+def test_gelu_model_compiles_and_runs_on_mpc_parties() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).eval()
+    calib = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    compiled = privml.compile(model, calib, backend="mpc")
+    gelu_rows = [lp for lp in compiled.plan.layers if lp.kind == "activation"]
+    assert gelu_rows and all(lp.approx != "exact" for lp in gelu_rows), "the plan must say GELU is approximated"
+    x = calib[:2] * 0.8
+    session = privml.Session(compiled.plan, parties=2)
+    got = session.decrypt(compiled(session.encrypt(x)))
+    with torch.no_grad():
+        assert (got - compiled(x)).abs().max() < 2e-2  # the parties compute the approximated model
+        assert (got - model(x)).abs().max() < 0.1  # which stays close to the original
+
+
+def test_cat_on_ckks_is_refused_at_compile_with_every_problem() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.pool(x), self.pool(x) * 2], dim=1)
+
+    with pytest.raises(UnsupportedModule) as info:
+        privml.compile(M(), torch.randn(8, 1, 4, 4), backend="ckks")
+    kinds = {p.kind for p in info.value.problems}
+    assert {"maxpool", "unsupported"} <= kinds
+    assert "concatenating" in str(info.value)
+
+
+def test_compiler_package_does_not_shadow_compile() -> None:
+    mod = importlib.import_module("privml.compiler.choose")
+    assert callable(mod.choose)
+    assert callable(privml.compile) and not hasattr(privml.compile, "__path__")
+
+
+def test_layernorm_relu6_stochastic_depth_run_on_plain() -> None:
+    from torchvision.ops import StochasticDepth
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU6(), StochasticDepth(0.2, "row"),
+                          nn.Hardswish(), nn.Linear(8, 2)).eval()
+    calib = torch.randn(32, 6)
+    compiled = privml.compile(model, calib, backend="plain")
+    session = privml.Session(compiled.plan)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(session.decrypt(compiled(session.encrypt(x))), model(x).detach())
+
+
+def test_relu6_and_hardswish_are_approximated_on_ckks() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 8), nn.Hardswish(), nn.Linear(8, 2)).eval()
+    calib = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    compiled = privml.compile(model, calib, backend="ckks")
+    assert sum(lp.kind == "activation" and lp.approx != "exact" for lp in compiled.plan.layers) == 2
+    session = privml.Session(compiled.plan)
+    x = calib[:2] * 0.8
+    got = session.decrypt(compiled(session.encrypt(x)))
+    with torch.no_grad():
+        assert (got - compiled(x)).abs().max() < 1e-3
