@@ -46,10 +46,15 @@ def operands() -> dict[str, torch.Tensor]:
         "bn_var": torch.rand(3, generator=g) + 0.5,
         "bn_w": torch.randn(3, generator=g),
         "bn_b": torch.randn(3, generator=g),
+        "x7": torch.randn(2, 3, 7, 7, generator=g) * 2,
+        "gate": torch.randn(2, 3, 1, 1, generator=g),
+        "ln_w": torch.randn(6, generator=g),
+        "ln_b": torch.randn(6, generator=g),
     }
 
 
-PRIVATE_WEIGHTS = ("w_lin", "b_lin", "w_conv", "b_conv", "bn_mean", "bn_var", "bn_w", "bn_b")
+PRIVATE_WEIGHTS = ("w_lin", "b_lin", "w_conv", "b_conv", "bn_mean", "bn_var", "bn_w", "bn_b", "ln_w", "ln_b")
+SHARED_INPUTS = ("x4", "x2", "y2", "x7", "gate")
 
 # name -> (function of the operand dict, tolerance). The same code runs on plain and private tensors.
 CASES = {
@@ -106,6 +111,30 @@ CASES = {
     "polyval_domain": (lambda o: PF.polyval(o["x2"], [0.3, 0.5, 0.25, -0.05, 0.01], domain=(-4.0, 4.0)),
                        LINEAR_TOL),
     "polyval_deg2": (lambda o: PF.polyval(o["x2"], torch.tensor([0.1, 0.5, 0.2])), LINEAR_TOL),
+    "hardtanh": (lambda o: F.hardtanh(o["x2"] * 2, -1.5, 0.5), EXACT_TOL),
+    "hardtanh_inplace": (lambda o: F.hardtanh_(o["x2"] * 1), EXACT_TOL),
+    "relu6": (lambda o: F.relu6(o["x2"] * 4), EXACT_TOL),
+    "relu6_module": (lambda o: nn.ReLU6(inplace=True)(o["x2"] * 4), EXACT_TOL),
+    "hardswish": (lambda o: F.hardswish(o["x2"] * 3), LINEAR_TOL),
+    "hardsigmoid": (lambda o: nn.Hardsigmoid()(o["x2"] * 3), LINEAR_TOL),
+    "layer_norm": (lambda o: F.layer_norm(o["x2"], (6,)), APPROX_TOL),
+    "layer_norm_plain_affine": (lambda o: F.layer_norm(o["x2"], (6,), o["pln_w"], o["pln_b"]), APPROX_TOL),
+    "layer_norm_private_affine": (lambda o: F.layer_norm(o["x2"], [6], o["ln_w"], o["ln_b"], 1e-3), APPROX_TOL),
+    "layer_norm_small_var": (lambda o: F.layer_norm(o["x2"] * 0.05, (6,)), APPROX_TOL),
+    "layer_norm_2d": (lambda o: nn.LayerNorm([8, 8], elementwise_affine=False)(o["x4"]), APPROX_TOL),
+    "max_pool_ceil": (lambda o: F.max_pool2d(o["x7"], 3, 2, ceil_mode=True), EXACT_TOL),
+    "max_pool_ceil_module": (lambda o: nn.MaxPool2d(2, 2, ceil_mode=True)(o["x7"]), EXACT_TOL),
+    "max_pool_resnet": (lambda o: nn.MaxPool2d(3, 2, 1)(o["x7"]), EXACT_TOL),
+    "mul_broadcast_private": (lambda o: o["x4"] * torch.sigmoid(o["gate"]), APPROX_TOL),
+    "mul_broadcast_shared": (lambda o: o["x4"] * o["gate"], LINEAR_TOL),
+    "adaptive_avg_7_to_1": (lambda o: F.adaptive_avg_pool2d(o["x7"], (1, 1)), LINEAR_TOL),
+    "adaptive_avg_7_to_3": (lambda o: nn.AdaptiveAvgPool2d((3, None))(o["x7"]), LINEAR_TOL),
+    "getitem_ellipsis": (lambda o: o["x4"][..., 1:3, None, -1], LINEAR_TOL),
+    "unsqueeze_squeeze": (lambda o: torch.unsqueeze(o["x2"], 1).squeeze(1).unsqueeze(-1).squeeze(), LINEAR_TOL),
+    "transpose_t": (lambda o: torch.transpose(o["x4"], 1, 3).permute([0, 2, 3, 1])[0, 0].t(), LINEAR_TOL),
+    "stochastic_depth_eval": (lambda o: _stochastic_depth(o["x2"]), LINEAR_TOL),
+    "dropout_module_eval": (lambda o: nn.Dropout2d(0.3).eval()(o["x4"]), LINEAR_TOL),
+    "inplace_forms": (lambda o: _inplace(o["x2"], o["y2"]), LINEAR_TOL),
     "residual_block": (lambda o: F.relu(F.conv2d(F.relu(o["x4"]), o["pw_conv"][:3], padding=1) + o["x4"]),
                        LINEAR_TOL),
 }
@@ -115,6 +144,19 @@ def _iadd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = a * 1
     out += b
     return out
+
+
+def _stochastic_depth(x: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import stochastic_depth
+
+    return stochastic_depth(x, 0.2, "row", training=False)
+
+
+def _inplace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """In-place forms give the out-of-place result (a private tensor never mutates: use the returned value)."""
+    out = (a * 1).mul_(b).sub_(0.5).div_(2)
+    out -= b
+    return torch.relu_(out)
 
 
 def _plain_operands(o: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,7 +174,7 @@ def all_ops_party(ctx: object, names: list[str]) -> dict:
     o = _plain_operands(plain)
     for k, v in plain.items():
         src = 1 if k in PRIVATE_WEIGHTS else 0
-        if k in PRIVATE_WEIGHTS or k in ("x4", "x2", "y2"):
+        if k in PRIVATE_WEIGHTS or k in SHARED_INPUTS:
             o[k] = rt.share(v if rt.rank == src else None, v.shape, src, what=k)
     results, errors = {}, {}
     for name in names:
@@ -223,6 +265,42 @@ def test_session_runs_compiled_digits_cnn_across_two_parties() -> None:
     assert any("TFP" in line for line in session.backend.trust_statement())
     with pytest.raises(UnsupportedOperation, match="already opened"):
         y_enc + 1
+
+
+class _MobileBlock(nn.Module):
+    """Hardswish, ceil-mode max pooling, a squeeze-excitation gate (broadcast private product), shape ops,
+    ReLU6 and LayerNorm (of small variance): the ops torchvision's mobile models add, in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.Hardswish()
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.Hardsigmoid())
+        self.relu6 = nn.ReLU6(inplace=True)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.act(self.conv(x)))
+        y = y * self.se(y)
+        y = y.flatten(2).transpose(1, 2)[:, :16].unsqueeze(1).squeeze(1)
+        return self.fc(self.norm(self.relu6(y.mean(2) * 4)))
+
+
+def test_session_replays_mobile_ops() -> None:
+    """The new handlers through the lazy path: recorded in the caller, replayed by key in the parties."""
+    torch.manual_seed(0)
+    model = _MobileBlock().eval()
+    compiled = privml.compile(model, torch.rand(32, 1, 8, 8), backend="mpc")
+    session = privml.Session(compiled.plan, parties=2, timeout=60)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = session.decrypt(compiled(session.encrypt(x)))
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), atol=5e-3, rtol=1e-3)
+    layers = session.backend.costs()["layers"]
+    assert {"act", "pool", "se.2", "relu6", "norm", "mul", "transpose", "getitem"} <= set(layers)
+    assert layers["transpose"]["bytes"] == 0 and layers["getitem"]["bytes"] == 0
 
 
 def test_public_weights_with_a_dealer_process() -> None:
