@@ -165,4 +165,4 @@ def test_fixed_point_simulation_rounds_and_detects_overflow() -> None:
     assert torch.all((got * 2**16 - torch.round(got * 2**16)).abs() < 1e-9)
     assert (got - x).abs().max() <= 2**-16
     with pytest.raises(RangeViolation, match="wrap"):
-        fp.encrypt(x) * 1e6
+        fp.encrypt(x) * 1e9

@@ -45,8 +45,10 @@ class Simulation:
 
     @property
     def fixed_point_limit(self) -> float:
-        """Largest |value| whose product with another such value still fits CrypTen's 64-bit ring."""
-        return 2.0 ** ((63 - 2 * self.frac_bits) / 2)
+        """Largest |value| a product may reach before it wraps CrypTen's 64-bit ring (2^31 for 16 fractional bits)."""
+        from privml.parties.fixed_point import fixed_point_limit
+
+        return fixed_point_limit(self.frac_bits)
 
     def apply(self, x: torch.Tensor, op: str) -> torch.Tensor:
         if self.mode == "ckks":

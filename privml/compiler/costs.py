@@ -27,6 +27,7 @@ from privml.approx.basis import poly_depth
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.plan import _node_cost
 from privml.errors import BudgetError
+from privml.parties.fixed_point import FRAC_BITS
 
 # ---------------------------------------------------------------------------------------------------------------
 # MPC costs (2 parties, CrypTen 0.4.1, TFP triples, 64-bit ring, 16 fractional bits). Measured on this machine with
@@ -40,7 +41,7 @@ MPC_RELU_ROUNDS = 9
 MPC_RELU_BYTES = 464
 MPC_PRODUCT_BYTES = 32
 MPC_SQUARE_BYTES = 16
-MPC_FRAC_BITS = 16
+MPC_FRAC_BITS = FRAC_BITS  # CrypTen's fixed point, declared once in privml.parties.fixed_point
 
 
 def mpc_poly_cost(degree: int) -> tuple[int, int]:
