@@ -187,10 +187,8 @@ _SPECS: tuple[OpSpec, ...] = (
            {"ckks": "max pooling needs comparisons, which CKKS cannot compute exactly: compile with "
                     "replace_maxpool=True (AvgPool2d, changes the function) or use the mpc backend."}, depth=None),
     # ---- normalisation by a data-dependent statistic
-    OpSpec("layer_norm", "norm", (F.layer_norm,), (), (nn.LayerNorm,), {"plain": "exact", "mpc": "exact"},
-           {"ckks": "LayerNorm divides by a data-dependent standard deviation; its CKKS form (a polynomial inverse "
-                    "square root on the calibrated variance range) is not implemented yet: use the mpc backend, or "
-                    "BatchNorm (folded into the layer before it at compile time)."}, depth=None),
+    OpSpec("layer_norm", "norm", (F.layer_norm,), (), (nn.LayerNorm,),
+           {"plain": "exact", "mpc": "exact", "ckks": "approx"}, depth=None),
     # ---- activations (CKKS: always a polynomial; MPC: exact where CrypTen has a protocol, else a polynomial)
     _activation("relu", (F.relu, torch.relu, T.relu, F.relu_, torch.relu_, T.relu_), ("relu", "relu_"), (nn.ReLU,)),
     _activation("leaky_relu", (F.leaky_relu, F.leaky_relu_), (), (nn.LeakyReLU,)),

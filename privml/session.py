@@ -8,6 +8,7 @@ import torch
 
 from privml.backends import load_backend
 from privml.compiler.api import check_input
+from privml.compiler.client import apply_client_ops
 from privml.compiler.plan import Plan
 from privml.config import SessionConfig, session_config
 from privml.errors import InvalidInput, RangeViolation
@@ -44,7 +45,7 @@ class Session:
                                "session")
         out = self.backend.decrypt(t)
         self.check_output_range(out)
-        return out
+        return apply_client_ops(out, self.plan.params.get("client_ops", []))
 
     def check_output_range(self, out: torch.Tensor) -> None:
         """Raise ``RangeViolation`` if decrypted values fall far outside the calibrated output range.

@@ -59,6 +59,11 @@ def hardsigmoid(x: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(x, dtype=float) / 6.0 + 0.5, 0.0, 1.0)
 
 
+def inv_sqrt(x: np.ndarray) -> np.ndarray:
+    """1 / sqrt(x) for x > 0 (LayerNorm's normaliser on its calibrated variance range)."""
+    return 1.0 / np.sqrt(np.asarray(x, dtype=float))
+
+
 def square(x: np.ndarray) -> np.ndarray:
     return np.square(x)
 
@@ -70,7 +75,7 @@ def abs_(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
     "relu": relu, "leaky_relu": leaky_relu, "gelu": gelu, "silu": silu, "sigmoid": sigmoid, "tanh": tanh,
     "softplus": softplus, "square": square, "abs": abs_, "elu": elu, "hardtanh": hardtanh, "hardswish": hardswish,
-    "hardsigmoid": hardsigmoid,
+    "hardsigmoid": hardsigmoid, "inv_sqrt": inv_sqrt,
 }
 PARAMS: dict[str, set[str]] = {"leaky_relu": {"slope"}, "elu": {"alpha"}, "hardtanh": {"lo", "hi"}}
 """The parameters each activation takes (the rest take none)."""

@@ -9,6 +9,8 @@ import torch.nn as nn
 
 from privml.compiler.approx import needs_approximation
 from privml.compiler.calibrate import as_batches, calibrate
+from privml.compiler.client import apply_client_ops, split_client_ops
+from privml.compiler.norms import approximate_layer_norms
 from privml.compiler.plan import Plan, build_plan
 from privml.compiler.validate import fix, raise_if_errors, validate
 from privml.config import CKKSConfig, CompileConfig, compile_config
@@ -48,7 +50,7 @@ class CompiledModel(nn.Module):
                 out = self.module(x)
             return out.finalize() if isinstance(out, PrivateTensor) else out
         with torch.no_grad():
-            return self.module(x)
+            return apply_client_ops(self.module(x), self.plan.params.get("client_ops", []))
 
 
 def _probe(model: nn.Module, sample: torch.Tensor) -> None:
@@ -91,6 +93,10 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
     _probe(model, batches[0][:2])
     gm, applied = fix(model, batches[0][:64], replace_maxpool=cfg.replace_maxpool)
     raise_if_errors(validate(gm, backend), model)
+    client_ops = split_client_ops(gm, backend)
+    if client_ops:
+        applied.append(f"{', '.join(op['op'] for op in client_ops)} moved to the client (applied after decryption)")
+    applied += approximate_layer_norms(gm, batches, backend, margin=cfg.margin)
     stats = calibrate(gm, batches, input_shape)
     choice, names = None, {}
     if cfg.approximates or needs_approximation(gm, backend):
@@ -101,6 +107,8 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
         applied += fixes
         stats = calibrate(gm, batches, input_shape)
     plan = build_plan(gm, stats, backend, input_shape, fixes=applied, options=cfg.to_dict())
+    if client_ops:
+        plan.params["client_ops"] = client_ops
     if choice is not None:
         from privml.compiler.choose import annotate_plan, interval_notes
 

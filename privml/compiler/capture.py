@@ -6,6 +6,7 @@ import torch
 import torch.fx as fx
 
 from privml.errors import Problem, UnsupportedModule
+from privml.registry import REGISTRY, OpSpec
 
 
 class _Tracer(fx.Tracer):
@@ -64,3 +65,14 @@ def node_label(node: fx.Node) -> str:
     if node.op == "call_module":
         return name
     return f"{name}:{node.name}" if name else node.name
+
+
+def node_spec(node: fx.Node, modules: dict[str, torch.nn.Module]) -> OpSpec | None:
+    """The registry's declaration of the op a graph node calls (None: not a registered op)."""
+    if node.op == "call_module":
+        return REGISTRY.for_module(modules[str(node.target)])
+    if node.op == "call_function":
+        return REGISTRY.for_function(node.target)
+    if node.op == "call_method":
+        return REGISTRY.for_method(str(node.target))
+    return None

@@ -8,28 +8,20 @@ consumes and the running level; globally, backend parameters and security level.
 from __future__ import annotations
 
 import json
-import math
-import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from privml.approx.basis import poly_depth
 from privml.compiler.calibrate import RangeStats
-from privml.compiler.capture import node_label
+from privml.compiler.capture import node_label, node_spec
 from privml.config import CompileConfig, config_from_dict
 from privml.errors import InvalidInput, MalformedInput
 
 PLAN_VERSION = 1
-
-_LINEAR_TYPES = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d)
-_FREE_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
-_FREE_FUNCS = {F.dropout, operator.getitem, getattr}
-_FREE_METHODS = {"flatten", "view", "reshape", "size", "dim", "contiguous", "float"}
-
 
 @dataclass
 class LayerPlan:
@@ -187,49 +179,40 @@ def describe_module(mod: nn.Module) -> str:
     return type(mod).__name__
 
 
+_PLAN_KIND = {"linear": "linear", "reduction": "linear", "shape": "reshape", "identity": "reshape",
+              "metadata": "reshape", "output": "output"}
+_ELEMENTWISE_KIND = {"add": "add", "sub": "add", "neg": "add", "mul": "mul", "div": "mul", "square": "mul",
+                     "pow": "mul"}
+
+
 def _node_cost(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, int | None]:
-    """(op description, kind, CKKS depth consumed or None when not computable as a polynomial yet)."""
-    if node.op == "call_module":
-        mod = modules[node.target]
-        desc = describe_module(mod)
-        depth = getattr(mod, "depth", None)
-        if hasattr(mod, "source") and isinstance(depth, int):  # privml.nn approximation (its own CKKS depth)
-            return desc, "activation", depth
-        if isinstance(mod, _LINEAR_TYPES):
-            return desc, "linear", 1
-        if isinstance(mod, _FREE_TYPES):
-            return desc, "reshape", 0
-        if isinstance(mod, nn.Softmax):
-            return desc, "output", 0
+    """(op description, kind, CKKS depth consumed or None while not a polynomial yet), from the registry.
+
+    Kinds: linear (fused, one level), add (free), mul (one level), reshape (free), output, activation.
+    This is the table's estimate; for CKKS the dry run through the backend's op table overwrites it.
+    """
+    mod = modules.get(str(node.target)) if node.op == "call_module" else None
+    if mod is not None and hasattr(mod, "source") and isinstance(getattr(mod, "depth", None), int):
+        return describe_module(mod), "activation", mod.depth  # a privml.nn approximation, with its own depth
+    spec = node_spec(node, modules)
+    desc = describe_module(mod) if mod is not None else str(getattr(node.target, "__name__", node.target))
+    if spec is None:
         return desc, "activation", None
-    if node.op == "call_function":
-        fn = node.target
-        name = getattr(fn, "__name__", str(fn))
-        if fn in (operator.add, operator.sub, operator.neg) or name in ("add", "sub", "neg", "cat"):
-            return name, "add", 0
-        if fn in (operator.mul, operator.matmul, operator.truediv) or name in ("mul", "matmul", "square"):
-            return name, "mul", 1
-        if name == "polyval" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
-            degree = max((i for i, c in enumerate(node.args[1]) if c), default=0)
-            return f"polyval(deg {degree})", "activation", math.ceil(math.log2(degree + 1))
-        if name == "pow" and len(node.args) > 1 and isinstance(node.args[1], int) and node.args[1] >= 1:
-            return f"pow {node.args[1]}", "mul", math.ceil(math.log2(node.args[1] + 1)) if node.args[1] > 1 else 0
-        if fn in _FREE_FUNCS or name in ("flatten", "reshape"):
-            return name, "reshape", 0
-        if name in ("linear", "conv2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "sum", "mean"):
-            return name, "linear", 1
-        if name == "softmax":
-            return name, "output", 0
-        return name, "activation", None
-    if node.op == "call_method":
-        if node.target in _FREE_METHODS:
-            return str(node.target), "reshape", 0
-        if node.target in ("sum", "mean", "mul", "pow", "square"):
-            return str(node.target), "linear" if node.target in ("sum", "mean") else "mul", 1
-        if node.target in ("add", "sub"):
-            return str(node.target), "add", 0
-        return str(node.target), "activation", None
-    return node.op, node.op, 0
+    if spec.name == "polyval" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        degree = max((i for i, c in enumerate(node.args[1]) if c), default=0)
+        return f"polyval(deg {degree})", "activation", poly_depth(degree)
+    if spec.name == "pow":
+        power = node.args[1] if len(node.args) > 1 else None
+        if isinstance(power, int) and power >= 1:
+            return f"pow {power}", "mul", poly_depth(power) if power > 1 else 0
+        return desc, "mul", None
+    if spec.kind == "elementwise":
+        kind = _ELEMENTWISE_KIND.get(spec.name, "mul")
+        return desc, kind, 0 if kind == "add" else 1
+    if spec.kind in _PLAN_KIND:
+        kind = _PLAN_KIND[spec.kind]
+        return desc, kind, 1 if kind == "linear" else 0
+    return desc, "activation", None
 
 
 def build_plan(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, input_shape: tuple[int, ...],
@@ -268,6 +251,7 @@ def build_plan(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, i
             row.approx = f"{mod.source} ~ poly on [{mod.interval[0]:.3g}, {mod.interval[1]:.3g}]"
             row.degree = mod.degree
             row.coeffs = mod.coefficient_list()
+            row.est_error = float(getattr(mod, "est_error", 0.0))
         plan.layers.append(row)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     if outputs and isinstance(outputs[0].args[0], fx.Node) and outputs[0].args[0].name in stats:

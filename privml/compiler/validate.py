@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from privml.compiler.capture import capture, node_label
+from privml.compiler.capture import capture, node_label, node_spec
 from privml.config import BACKENDS  # the one declaration of the backends
 from privml.errors import PrivmlError, Problem, UnsupportedModule
 from privml.registry import REGISTRY, OpSpec
@@ -82,25 +82,16 @@ def _support_problems(label: str, spec: OpSpec | None, what: str, backend: str, 
 def private_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value depends on the model's input (metadata reads such as ``x.size(0)`` do not)."""
     private: set[fx.Node] = set()
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             private.add(node)
         elif node.op in ("call_function", "call_method", "call_module") and any(
                 a in private for a in node.all_input_nodes):
-            spec = _spec_of(node, gm)
+            spec = node_spec(node, modules)
             if spec is None or spec.kind != "metadata":
                 private.add(node)
     return private
-
-
-def _spec_of(node: fx.Node, gm: fx.GraphModule) -> OpSpec | None:
-    if node.op == "call_module":
-        return REGISTRY.for_module(gm.get_submodule(str(node.target)))
-    if node.op == "call_function":
-        return REGISTRY.for_function(node.target)
-    if node.op == "call_method":
-        return REGISTRY.for_method(str(node.target))
-    return None
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -144,7 +135,7 @@ def _graph_problems(gm: fx.GraphModule, backend: str) -> list[Problem]:
             continue
         if node.op == "call_module" and type(modules[node.target]).__module__.startswith("privml."):
             continue  # privml's own approximations are built from registry ops
-        spec = _spec_of(node, gm)
+        spec = node_spec(node, modules)
         last = list(node.users) == [output]
         problems += _support_problems(label, spec, _describe(node, gm), backend, last)
         if spec is not None and spec.check is not None and spec.how(backend) is not None:
