@@ -8,9 +8,22 @@ Constants come from a fixed generator, so every call of a case uses the same val
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from privml import functional as PF
+
+
+class Case(nn.Module):
+    """A model whose forward is one example call (or any function of the input)."""
+
+    def __init__(self, fn: object) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
 
 _g = torch.Generator().manual_seed(0)
 

@@ -19,20 +19,9 @@ import privml
 from privml.backends.plain import PlainBackend, PlainTensor
 from privml.errors import UnsupportedModule, UnsupportedOperation
 from privml.registry import REGISTRY, OpSpec, register
-from tests.op_cases import CASES
+from tests.op_cases import CASES, Case
 
 BACKENDS = ("plain", "ckks", "mpc")
-
-
-class Case(nn.Module):
-    """A model whose forward is one example call."""
-
-    def __init__(self, fn: object) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
 
 
 def _tensor_class(backend: str) -> type:

@@ -11,15 +11,7 @@ import torch.nn as nn
 
 import privml
 from privml.errors import UnsupportedModule
-
-
-class Fn(nn.Module):
-    def __init__(self, fn: object) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+from tests.op_cases import Case
 
 
 def _blocking(model: nn.Module, backend: str) -> list:
@@ -28,12 +20,12 @@ def _blocking(model: nn.Module, backend: str) -> list:
 
 @pytest.mark.parametrize("backend", ["plain", "ckks", "mpc"])
 def test_torch_div_by_a_constant_validates_everywhere(backend: str) -> None:
-    assert not _blocking(Fn(lambda x: torch.div(x, 2.0)), backend)
-    assert _blocking(Fn(lambda x: torch.div(x, x + 1.0)), backend)  # by a private value: refused
+    assert not _blocking(Case(lambda x: torch.div(x, 2.0)), backend)
+    assert _blocking(Case(lambda x: torch.div(x, x + 1.0)), backend)  # by a private value: refused
 
 
 def test_unsqueeze_squeeze_validate_on_mpc() -> None:
-    assert not _blocking(Fn(lambda x: x.unsqueeze(1).squeeze(1)), "mpc")
+    assert not _blocking(Case(lambda x: x.unsqueeze(1).squeeze(1)), "mpc")
 
 
 def test_gelu_model_compiles_and_runs_on_mpc_parties() -> None:

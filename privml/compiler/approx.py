@@ -130,11 +130,15 @@ def find_activations(gm: fx.GraphModule, stats: dict[str, RangeStats], margin: f
 
 
 def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Module) -> str:
-    """Put ``module`` in place of ``site`` (module swap, or a new submodule for a functional call).
+    """Put ``module`` in place of ``site``; returns the name of the graph node that now calls it."""
+    return replace_node(gm, site.node, module)
 
-    Returns the name of the graph node that now calls ``module``.
+
+def replace_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module, prefix: str = "privml_poly") -> str:
+    """Put ``module`` in place of the op ``node`` calls (module swap, or a new submodule for a functional call).
+
+    The input is the node's first argument. Returns the name of the graph node that now calls ``module``.
     """
-    node = site.node
     if node.op == "call_module":
         parent, _, attr = str(node.target).rpartition(".")
         # a module object can be called at several sites (torchvision's ResNet reuses `relu`): give each its own
@@ -143,7 +147,7 @@ def replace_activation(gm: fx.GraphModule, site: ActivationSite, module: nn.Modu
         node.target = f"{parent}.{name}" if parent else name
         new = node
     else:
-        name = f"privml_poly_{node.name}"
+        name = f"{prefix}_{node.name}"
         gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (node.args[0],))

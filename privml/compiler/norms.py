@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from privml.approx.basis import poly_depth
 from privml.approx.fit import fit_activation
+from privml.compiler.approx import replace_node
 from privml.compiler.capture import node_label, node_spec
 from privml.errors import BudgetError, CalibrationError
 from privml.nn import PolyLayerNorm
@@ -132,25 +132,9 @@ def approximate_layer_norms(gm: fx.GraphModule, batches: list[torch.Tensor], bac
         gain = float(a["weight"].detach().abs().max()) if a["weight"] is not None else 1.0
         n = math.prod(a["normalized_shape"])
         module.est_error = rel * math.sqrt(n) * gain  # |x - mean| / std <= sqrt(n)
-        _swap(gm, node, module)
+        replace_node(gm, node, module, prefix="privml_layer_norm")
         done.append(f"{label}: layer_norm -> inverse square root of degree {module.degree} + {steps} Newton steps on "
                     f"variance [{lo:.3g}, {hi:.3g}] (relative error {rel:.2g})")
-    gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return done
-
-
-def _swap(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> None:
-    """Put ``module`` where the LayerNorm was (same qualified name for a module; a new one for a call)."""
-    shared = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) > 1
-    if node.op == "call_module" and not shared:
-        parent, _, attr = str(node.target).rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, module)
-        return
-    name = f"privml_layer_norm_{node.name}"
-    gm.add_submodule(name, module)
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (node.args[0],))
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
