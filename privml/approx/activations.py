@@ -77,6 +77,8 @@ ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
     "softplus": softplus, "square": square, "abs": abs_, "elu": elu, "hardtanh": hardtanh, "hardswish": hardswish,
     "hardsigmoid": hardsigmoid, "inv_sqrt": inv_sqrt,
 }
+POSITIVE_DOMAIN = {"inv_sqrt"}
+"""Functions defined only for x > 0 (fitted on positive intervals only)."""
 PARAMS: dict[str, set[str]] = {"leaky_relu": {"slope"}, "elu": {"alpha"}, "hardtanh": {"lo", "hi"}}
 """The parameters each activation takes (the rest take none)."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import chebyshev as npcheb
 
-from privml.approx.activations import detect_parity, lookup
+from privml.approx.activations import POSITIVE_DOMAIN, detect_parity, lookup
 from privml.approx.basis import Poly, _check_degree, _check_interval, _check_parity, _grid, _parity_indices, _values
 from privml.errors import BudgetError, InvalidInput
 
@@ -252,11 +252,13 @@ def fit_activation(name: str, a: float, b: float, degree: int, method: str = "re
     """Fit a named activation on [a, b] ("remez" minimax or "cheb" interpolation).
 
     Parity is used automatically on symmetric intervals (tanh odd; abs, square even).
-    "square" is returned exactly (degree 2) whenever degree >= 2.  ``params``:
-    ``slope`` for leaky_relu.  Results are cached (Poly is immutable).
+    "square" is returned exactly (degree 2) whenever degree >= 2.  ``params``: see
+    ``privml.approx.activations.PARAMS``.  Results are cached (Poly is immutable).
     """
     lookup(name, params)  # validates name and params
     a, b = _check_interval(a, b)
+    if name in POSITIVE_DOMAIN and a <= 0:
+        raise InvalidInput(f"{name} is defined for x > 0 only; got the interval [{a:g}, {b:g}]")
     degree = _check_degree(degree)
     if method not in ("remez", "cheb"):
         raise InvalidInput(f"method must be 'remez' or 'cheb', got {method!r}")
