@@ -12,9 +12,11 @@ per backend, how that backend computes it:
   applies it after decryption (softmax on CKKS);
 * missing: refused, with ``refusals[backend]`` as the reason when there is one.
 
-Validation (:mod:`privml.compiler.validate`), the compiler's approximation pass, the plan's kinds,
-``supported_ops()``, error hints and the backends' op tables all read this table, so they cannot
-disagree (``tests/test_registry.py`` checks it). Users extend it with :func:`register`:
+Validation (:mod:`privml.compiler.validate`), the compiler's approximation pass, the plan's kinds and
+depths, ``supported_ops()``, error messages and the backends' op tables all read this table;
+``tests/test_registry.py`` checks that they agree on every (op, backend) pair. Argument-dependent
+limits (``check``) run both on graph nodes at compile time and on every call at run time.
+Users extend it with :func:`register`:
 
     >>> import privml.registry as R
     >>> def my_scale(x): return x * 0.5                      # doctest: +SKIP
@@ -69,7 +71,6 @@ class OpSpec:
     refusals: Mapping[str, str] = field(default_factory=dict)
     depth: int | None = 0
     check: Callable[[tuple, dict, Callable[[Any], bool], str], str | None] | None = None
-    hint: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -109,8 +110,15 @@ def _check_div(args: tuple, kwargs: dict, private: Private, backend: str) -> str
     return None
 
 
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    """An op's argument given by position or by keyword."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
 def _check_pow(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
-    e = args[1] if len(args) > 1 else None
+    e = _arg(args, kwargs, 1, "exponent")
     if private(e) or not (isinstance(e, int) or (isinstance(e, float) and float(e).is_integer())) or e < 0:
         return f"only non-negative integer powers are polynomial (got exponent {e!r})."
     if backend == "ckks" and e < 1:
@@ -121,6 +129,57 @@ def _check_pow(args: tuple, kwargs: dict, private: Private, backend: str) -> str
 def _check_matmul(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
     if backend == "ckks" and (len(args) < 2 or private(args[1]) or not private(args[0])):
         return "CKKS supports only (encrypted batch) @ (plain matrix): the batch must stay the first dimension."
+    return None
+
+
+def _check_batch_norm(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+    if _arg(args, kwargs, 5, "training", False) or _arg(args, kwargs, 1, "running_mean") is None:
+        return ("batch norm with batch statistics (training mode, or track_running_stats=False) mixes the samples "
+                "of a batch and is not affine per sample; use running statistics (model.eval()).")
+    return None
+
+
+def _check_dropout(training_index: int) -> Callable[[tuple, dict, Private, str], str | None]:
+    def check(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+        p = _arg(args, kwargs, 1, "p", 0.5)
+        if _arg(args, kwargs, training_index, "training", True) and p:
+            return ("dropout in training mode is random (F.dropout defaults to training=True): pass "
+                    "training=self.training and call model.eval(), or remove it.")
+        return None
+
+    return check
+
+
+METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout")
+
+
+def _check_metadata(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+    if len(args) > 1 and isinstance(args[1], str) and args[1] not in METADATA_ATTRIBUTES:
+        return f"attribute .{args[1]} of a private tensor is not available (only {', '.join(METADATA_ATTRIBUTES)})."
+    return None
+
+
+def _check_reduction(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+    if backend == "ckks" and _arg(args, kwargs, 1, "dim") is None:
+        return "CKKS reductions must keep the batch dimension: pass dim= (e.g. x.sum(dim=1))."
+    return None
+
+
+def _check_softmax(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+    if _arg(args, kwargs, 1, "dim") is None and backend != "plain":
+        return "softmax needs an explicit dim= on private tensors."
+    return None
+
+
+def _check_avg_pool(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+    if backend == "mpc" and _arg(args, kwargs, 6, "divisor_override") is not None:
+        return "avg_pool2d with divisor_override is not available on MPC."
+    return None
+
+
+def _check_max_pool(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
+    if backend != "plain" and _arg(args, kwargs, 6, "return_indices", False):
+        return "max_pool2d(return_indices=True) would reveal positions of private values."
     return None
 
 
@@ -139,13 +198,14 @@ _SPECS: tuple[OpSpec, ...] = (
     # ---- linear maps (CKKS: fused into one diagonal product, one level)
     OpSpec("linear", "linear", (F.linear,), (), (nn.Linear,), _ALL, depth=1),
     OpSpec("conv2d", "linear", (F.conv2d,), (), (nn.Conv2d,), _ALL, depth=1),
-    OpSpec("avg_pool2d", "linear", (F.avg_pool2d,), (), (nn.AvgPool2d,), _ALL, depth=1),
+    OpSpec("avg_pool2d", "linear", (F.avg_pool2d,), (), (nn.AvgPool2d,), _ALL, depth=1, check=_check_avg_pool),
     OpSpec("adaptive_avg_pool2d", "linear", (F.adaptive_avg_pool2d,), (), (nn.AdaptiveAvgPool2d,), _ALL, depth=1),
-    OpSpec("batch_norm", "linear", (F.batch_norm,), (), (nn.BatchNorm1d, nn.BatchNorm2d), _ALL, depth=1),
+    OpSpec("batch_norm", "linear", (F.batch_norm,), (), (nn.BatchNorm1d, nn.BatchNorm2d), _ALL, depth=1,
+           check=_check_batch_norm),
     OpSpec("matmul", "linear", (torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.mm, T.mm, operator.matmul),
            ("matmul", "mm", "__matmul__", "__rmatmul__"), (), _ALL, depth=1, check=_check_matmul),
-    OpSpec("sum", "reduction", (torch.sum, T.sum), ("sum",), (), _ALL, depth=1),
-    OpSpec("mean", "reduction", (torch.mean, T.mean), ("mean",), (), _ALL, depth=1),
+    OpSpec("sum", "reduction", (torch.sum, T.sum), ("sum",), (), _ALL, depth=1, check=_check_reduction),
+    OpSpec("mean", "reduction", (torch.mean, T.mean), ("mean",), (), _ALL, depth=1, check=_check_reduction),
     # ---- elementwise arithmetic (in-place forms return a new tensor; the validator checks aliasing)
     OpSpec("add", "elementwise", (torch.add, T.add, T.__add__, T.__radd__, T.add_, T.__iadd__, operator.add,
                                   operator.iadd), ("add", "add_", "__add__", "__radd__", "__iadd__"), (), _ALL),
@@ -176,16 +236,18 @@ _SPECS: tuple[OpSpec, ...] = (
            ("unsqueeze", "squeeze"), (), {"plain": "exact", "mpc": "exact"}, {"ckks": _CKKS_SHAPE}),
     OpSpec("getitem", "shape", (T.__getitem__, operator.getitem), ("__getitem__",), (),
            {"plain": "exact", "mpc": "exact"}, {"ckks": "indexing an encrypted tensor is not available on CKKS."}),
-    OpSpec("metadata", "metadata", (getattr,), ("size", "dim", "numel"), (), _ALL),
+    OpSpec("metadata", "metadata", (getattr,), ("size", "dim", "numel"), (), _ALL, check=_check_metadata),
     # ---- eval-mode identities
     OpSpec("dropout", "identity", (F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout),
-           (), (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout), _IDENTITY),
+           (), (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout), _IDENTITY,
+           check=_check_dropout(2)),
     OpSpec("stochastic_depth", "identity", ("torchvision.ops.stochastic_depth",), (),
-           ("torchvision.ops.StochasticDepth",), _IDENTITY),
+           ("torchvision.ops.StochasticDepth",), _IDENTITY, check=_check_dropout(3)),
     # ---- pooling by comparison
     OpSpec("max_pool2d", "pool", (F.max_pool2d,), (), (nn.MaxPool2d,), {"plain": "exact", "mpc": "exact"},
            {"ckks": "max pooling needs comparisons, which CKKS cannot compute exactly: compile with "
-                    "replace_maxpool=True (AvgPool2d, changes the function) or use the mpc backend."}, depth=None),
+                    "replace_maxpool=True (AvgPool2d, changes the function) or use the mpc backend."}, depth=None,
+           check=_check_max_pool),
     # ---- normalisation by a data-dependent statistic
     OpSpec("layer_norm", "norm", (F.layer_norm,), (), (nn.LayerNorm,),
            {"plain": "exact", "mpc": "exact", "ckks": "approx"}, depth=None),
@@ -203,7 +265,8 @@ _SPECS: tuple[OpSpec, ...] = (
     _activation("elu", (F.elu, F.elu_), (), (nn.ELU,), mpc="approx"),
     OpSpec("softmax", "output", (F.softmax, torch.softmax, T.softmax), ("softmax",), (nn.Softmax,),
            {"plain": "exact", "mpc": "exact", "ckks": "client"},
-           {"ckks": "softmax is not polynomial: it can only end the model, where privml moves it to the client."}),
+           {"ckks": "softmax is not polynomial: it can only end the model, where privml moves it to the client."},
+           check=_check_softmax),
 )
 
 
@@ -221,8 +284,10 @@ class OpRegistry:
 
     def register(self, spec: OpSpec, replace: bool = False) -> OpSpec:
         """Add ``spec``; re-registering a name needs ``replace=True`` (so typos do not shadow privml's ops)."""
-        if spec.name in self._specs and not replace:
-            raise InvalidInput(f"privml: an op named {spec.name!r} is already registered (pass replace=True)")
+        if spec.name in self._specs:
+            if not replace:
+                raise InvalidInput(f"privml: an op named {spec.name!r} is already registered (pass replace=True)")
+            self.unregister(spec.name)
         self._specs[spec.name] = spec
         for f in spec.functions:
             if isinstance(f, str):
@@ -244,6 +309,7 @@ class OpRegistry:
         self._by_function = {f: s for f, s in self._by_function.items() if s is not spec}
         self._by_method = {m: s for m, s in self._by_method.items() if s is not spec}
         self._modules = [(m, s) for m, s in self._modules if s is not spec]
+        self._pending = [p for p in self._pending if p[1] is not spec]
 
     def _resolve(self) -> None:
         while self._pending:

@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import privml
 from privml.errors import UnsupportedModule
@@ -117,3 +118,64 @@ def test_layernorm_with_a_wide_variance_range_adds_newton_steps() -> None:
     with torch.no_grad():
         err = float((compiled(calib) - model(calib)).abs().max())
     assert err <= compiled.plan.layer("1").est_error + 1e-4
+
+
+@pytest.mark.parametrize("features_in,features", [(16, 32), (6, 8)])
+def test_layernorm_depth_matches_the_dry_run(features_in: int, features: int) -> None:
+    """PolyLayerNorm.depth (used by the approximation search) equals what the CKKS op table consumes: the
+    dry run adds exactly the incoming linear map and the output affine map, with and without Newton steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(features_in, features), nn.LayerNorm(features)).eval()
+    calib = torch.randn(128, features_in, generator=torch.Generator().manual_seed(1))
+    compiled = privml.compile(model, calib, backend="ckks")
+    ln = compiled.module.get_submodule("1")
+    assert compiled.plan.params["depth"] == ln.depth + 2
+
+
+@pytest.mark.parametrize("build,backend", [
+    (lambda: _InplaceKeyword(), "plain"),
+    (lambda: _ViewWrite(), "mpc"),
+    (lambda: Case(lambda x: F.batch_norm(x, None, None, training=True)), "ckks"),
+    (lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(8, track_running_stats=False)), "ckks"),
+    (lambda: Case(lambda x: x.T), "plain"),
+    (lambda: Case(lambda x: F.dropout(x, 0.5)), "mpc"),
+    (lambda: Case(lambda x: x.sum()), "ckks"),
+    (lambda: nn.Softmax(), "mpc"),
+    (lambda: Case(lambda x: (x, x * 2)), "plain"),
+])
+def test_what_would_run_wrong_is_refused_at_validation(build: object, backend: str) -> None:
+    """Each of these used to validate and then give a different result from torch (or fail at run time)."""
+    assert _blocking(build().eval(), backend)
+
+
+def test_the_fix_does_not_touch_the_callers_calibration_data() -> None:
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 4)).eval()
+    calib = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    before = calib.clone()
+    compiled = privml.compile(model, calib, backend="ckks")
+    assert torch.equal(calib, before)
+    relu = compiled.plan.layers[0]
+    assert relu.in_range[0] < -1.0  # calibrated on the real (negative) inputs, not on ReLU outputs
+
+
+class _InplaceKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        F.relu(h, inplace=True)
+        return h
+
+
+class _ViewWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        v = h.view(x.shape[0], -1)
+        v.add_(1.0)
+        return h * 2

@@ -58,7 +58,7 @@ def _probe(model: nn.Module, sample: torch.Tensor) -> None:
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(sample)
+            model.eval()(sample.clone())  # a model writing into its input must not touch the user's data
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         first = str(err).splitlines()[0]
         raise CalibrationError(f"privml: the model cannot run on calibration samples of shape "

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 
 from privml.approx.activations import ACTIVATIONS
 from privml.compiler.calibrate import RangeStats
-from privml.compiler.capture import node_label
+from privml.compiler.capture import node_label, node_spec
 from privml.errors import CalibrationError, InvalidInput
 from privml.nn import PolyActivation
-from privml.registry import REGISTRY
 
 
 @dataclass
@@ -66,14 +65,7 @@ def _kind_of(node: fx.Node, modules: dict[str, nn.Module], backend: str, every: 
     """(activation name, parameters) when the registry leaves this node to the compiler on ``backend``
     (``every``: any activation privml can fit, e.g. to let a budget trade MPC's exact ReLU for a polynomial)."""
     mod = modules[node.target] if node.op == "call_module" else None
-    if node.op == "call_module":
-        spec = REGISTRY.for_module(mod)
-    elif node.op == "call_function":
-        spec = REGISTRY.for_function(node.target)
-    elif node.op == "call_method":
-        spec = REGISTRY.for_method(str(node.target))
-    else:
-        return None
+    spec = node_spec(node, modules)
     if spec is None or spec.kind != "activation" or spec.name not in ACTIVATIONS:
         return None
     if not every and spec.how("ckks" if backend == "hybrid" else backend) != "approx":

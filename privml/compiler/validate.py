@@ -12,6 +12,7 @@ drop ``inplace=True``, set eval mode) and, only when asked, the lossy one
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import torch
@@ -20,12 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from privml.approx.activations import ACTIVATIONS
 from privml.compiler.capture import capture, node_label, node_spec
+from privml.compiler.client import CLIENT_OPS
 from privml.config import BACKENDS  # the one declaration of the backends
 from privml.errors import PrivmlError, Problem, UnsupportedModule
 from privml.registry import REGISTRY, OpSpec
 from privml.tensor import is_inplace
 
+_APPROXIMABLE = frozenset(ACTIVATIONS) | {"layer_norm"}  # activations: compiler.approx; LayerNorm: compiler.norms
 INPLACE_HINT = "in-place writes into a private tensor are not supported"
 DATA_ACCESS = ("item", "tolist", "numpy", "__bool__")
 _MAXPOOL_FIX = "compile(..., replace_maxpool=True) swaps it for AvgPool2d with the same window (changes the " \
@@ -67,6 +71,13 @@ def _support_problems(label: str, spec: OpSpec | None, what: str, backend: str, 
         kind = "maxpool" if spec.name == "max_pool2d" else "unsupported"
         return [Problem(label, kind, f"{what}: {spec.refusal(backend)}", _MAXPOOL_FIX if kind == "maxpool" else None,
                         "error")]
+    if how == "approx" and spec.name not in _APPROXIMABLE:
+        return [Problem(label, "unsupported", f"{what}: the registry says the compiler approximates {spec.name} on "
+                        f"{backend}, but privml has no approximation for it.", "give the op a handler on this "
+                        "backend (support 'exact') or add its function to privml.approx.activations.", "error")]
+    if how == "client" and spec.name not in CLIENT_OPS:
+        return [Problem(label, "unsupported", f"{what}: declared client-side on {backend}, but privml does not know "
+                        "how to apply it on the client.", None, "error")]
     if how == "approx":
         return [Problem(label, "approximated", f"{what} has no exact protocol on {backend}: it will be replaced by a "
                         "polynomial fitted on its calibrated input range.", None, "info")]
@@ -89,8 +100,9 @@ def private_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         elif node.op in ("call_function", "call_method", "call_module") and any(
                 a in private for a in node.all_input_nodes):
             spec = node_spec(node, modules)
-            if spec is None or spec.kind != "metadata":
-                private.add(node)
+            if spec is None or spec.kind != "metadata" or (
+                    spec.check and spec.check(tuple(node.args), dict(node.kwargs), private.__contains__, "plain")):
+                private.add(node)  # a value read out of a private tensor (x.T: a private view), not its metadata
     return private
 
 
@@ -104,17 +116,59 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def _is_inplace_call(node: fx.Node) -> bool:
+    """An in-place form (``x.add_``, ``out += y``) or a call with ``inplace=True`` (``F.relu(x, inplace=True)``)."""
     if node.op == "call_function":
-        return is_inplace(node.target) or getattr(node.target, "__name__", "").endswith("_")
+        if is_inplace(node.target) or getattr(node.target, "__name__", "").endswith("_"):
+            return True
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return node.kwargs.get("inplace") is True
+        return bound.arguments.get("inplace") is True
     if node.op == "call_method":
         name = str(node.target)
         return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
     return False
 
 
-def _read_after(node: fx.Node, value: object, order: dict[fx.Node, int]) -> bool:
-    """True if ``value`` (a node) is used by some node after ``node``: an in-place write would be visible there."""
-    return isinstance(value, fx.Node) and any(order[u] > order[node] for u in value.users if u is not node)
+def _aliases(value: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """Every node that may share memory with ``value``: back through views to the tensor they view, then
+    forward through every view of it (reshape, flatten, indexing, transposes, detach: torch returns views)."""
+
+    def is_view(n: fx.Node) -> bool:
+        spec = node_spec(n, modules)
+        return spec is not None and spec.kind in ("shape", "identity") and spec.name != "cat"
+
+    root = value
+    while is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    found, todo = {root}, [root]
+    while todo:
+        for user in todo.pop().users:
+            if user not in found and is_view(user) and user.args and user.args[0] in found:
+                found.add(user)
+                todo.append(user)
+    return found
+
+
+def _written_then_read(node: fx.Node, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> bool:
+    """True if ``node`` writes in place into a tensor (or a view of it) that something after ``node`` reads."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return any(order[u] > order[node] for a in _aliases(node.args[0], modules) for u in a.users if u is not node)
+
+
+def _module_arguments(mod: nn.Module) -> tuple[tuple, dict]:
+    """The arguments a leaf module passes to its functional op in eval mode, as far as the registry checks read."""
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return (None, mod.running_mean), {"training": mod.running_mean is None}
+    if isinstance(mod, nn.Softmax):
+        return (None,), {"dim": mod.dim}
+    if isinstance(mod, nn.MaxPool2d):
+        return (None,), {"return_indices": mod.return_indices}
+    if isinstance(mod, nn.AvgPool2d):
+        return (None,), {"divisor_override": mod.divisor_override}
+    return (None,), {"training": False}
 
 
 def _graph_problems(gm: fx.GraphModule, backend: str) -> list[Problem]:
@@ -123,10 +177,12 @@ def _graph_problems(gm: fx.GraphModule, backend: str) -> list[Problem]:
     private = private_nodes(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     output = next(n for n in gm.graph.nodes if n.op == "output")
+    if not isinstance(output.args[0], fx.Node):
+        problems.append(Problem("<output>", "output", f"the model returns {type(output.args[0]).__name__}; privml "
+                                "models return one tensor.", "return a single tensor (torch.cat the outputs, or "
+                                "compile each head separately).", "error"))
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or node not in private:
-            continue
-        if node.op == "placeholder" or not any(a in private for a in node.all_input_nodes):
             continue
         label = node_label(node)
         if node.op == "call_method" and node.target in DATA_ACCESS:
@@ -139,10 +195,12 @@ def _graph_problems(gm: fx.GraphModule, backend: str) -> list[Problem]:
         last = list(node.users) == [output]
         problems += _support_problems(label, spec, _describe(node, gm), backend, last)
         if spec is not None and spec.check is not None and spec.how(backend) is not None:
-            reason = spec.check(tuple(node.args), dict(node.kwargs), private.__contains__, backend)
+            args, kwargs = (_module_arguments(modules[node.target]) if node.op == "call_module"
+                            else (tuple(node.args), dict(node.kwargs)))
+            reason = spec.check(args, kwargs, private.__contains__, backend)
             if reason:
                 problems.append(Problem(label, "unsupported", f"{_describe(node, gm)}: {reason}", None, "error"))
-        if _is_inplace_call(node) and node.args and _read_after(node, node.args[0], order):
+        if _is_inplace_call(node) and _written_then_read(node, modules, order):
             problems.append(Problem(label, "inplace", f"{_describe(node, gm)} writes in place into a tensor that is "
                                     f"read again later; {INPLACE_HINT}.", "use the out-of-place form.", "error"))
         if node.op == "call_module" and isinstance(modules[node.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -153,7 +211,7 @@ def _graph_problems(gm: fx.GraphModule, backend: str) -> list[Problem]:
 def _batchnorm_problem(node: fx.Node, label: str, modules: dict[str, nn.Module]) -> Problem:
     mod, prev = modules[node.target], node.args[0]
     foldable = (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
-                and isinstance(modules[prev.target], (nn.Conv2d, nn.Linear)))
+                and isinstance(modules[prev.target], (nn.Conv2d, nn.Linear)) and mod.running_mean is not None)
     if foldable:
         return Problem(label, "batchnorm", f"{type(mod).__name__} follows {prev.target}.",
                        f"fold it into {prev.target} (exact; privml.compile does).", "fixable")
@@ -200,6 +258,8 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
         if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
             continue
         layer, bn = modules[prev.target], modules[node.target]
+        if bn.running_mean is None:
+            continue  # batch statistics: refused by validation, nothing to fold
         if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
             fused = fuse_conv_bn_eval(layer, bn)
         elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
@@ -246,7 +306,7 @@ def fix(model: nn.Module, example_input: torch.Tensor | None = None, replace_max
     applied += _fold_batchnorm(gm)
     if example_input is not None:
         with torch.no_grad():
-            ref, got = original(example_input), gm(example_input)
+            ref, got = original(example_input.clone()), gm(example_input.clone())
         err = float((ref - got).abs().max())
         scale = max(1.0, float(ref.abs().max()))
         if err > atol * scale:

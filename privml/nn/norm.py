@@ -71,7 +71,7 @@ class PolyLayerNorm(_RangeGuard):
             self._guard(variance)
         inv = polyval(variance, self.coefficient_list() if private else self.coeffs, domain=self.interval)
         for _ in range(self.newton_steps):
-            inv = inv * 1.5 - (variance * inv) * (inv * inv) * 0.5
+            inv = inv * 1.5 + ((variance * -0.5) * inv) * (inv * inv)  # scalars on the linear side: 2 levels
         y = centred * inv
         if self.weight is not None:
             y = y * self.weight
