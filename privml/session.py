@@ -14,6 +14,8 @@ from privml.config import SessionConfig, session_config
 from privml.errors import InvalidInput, RangeViolation
 from privml.tensor import PrivateTensor
 
+_UNSET = object()
+
 
 class Session:
     """Encrypts inputs and decrypts outputs for models compiled with ``plan``.
@@ -23,9 +25,12 @@ class Session:
     (e.g. ``simulation="ckks"`` for plain). An unknown name is refused with the closest valid one.
     """
 
-    def __init__(self, plan: Plan, *, config: SessionConfig | None = None, **options: Any) -> None:
+    def __init__(self, plan: Plan, range_slack: Any = _UNSET, *, config: SessionConfig | None = None,
+                 **options: Any) -> None:
         if not isinstance(plan, Plan):
             raise InvalidInput(f"privml: Session needs a Plan (compiled.plan), got {type(plan).__name__}")
+        if range_slack is not _UNSET:  # positional, as before the typed configurations
+            options["range_slack"] = range_slack
         self.plan = plan
         self.config = session_config(plan.backend, config, **options)
         self.range_slack = self.config.range_slack

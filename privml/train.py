@@ -365,7 +365,7 @@ def _labelled(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _APPROX_OPTIONS = ("max_error", "accuracy_tolerance", "validation", "depth_budget", "degree", "margin", "percentile",
-                   "refresh_depth", "max_degree", "composites", "trainable")
+                   "max_degree", "composites", "trainable")
 
 
 class ApproximatedModel(nn.Module):
@@ -446,8 +446,8 @@ def finetune(
     ``CompiledModel`` it returns a new one, compiled again for the same backend and options on
     the training inputs (fresh ranges and plan); given a module, the fine-tuned module.
     """
-    import privml
     from privml.compiler.api import CompiledModel
+    from privml.compiler.api import compile as compile_model
     from privml.nn import APPROX_MODULES, set_trainable
 
     compiled = model if isinstance(model, CompiledModel) else None
@@ -470,7 +470,7 @@ def finetune(
     if compiled is None:
         return net
     options = {k: v for k, v in compiled.plan.config.options().items() if k not in _APPROX_OPTIONS}
-    return privml.compile(net, _train_inputs(datamodule, 512), backend=compiled.plan.backend, **options)
+    return compile_model(net, _train_inputs(datamodule, 512), backend=compiled.plan.backend, **options)
 
 
 def _train_inputs(datamodule: L.LightningDataModule, limit: int) -> torch.Tensor:

@@ -49,8 +49,10 @@ def _imports(path: Path, name: str) -> set[str]:
             else:
                 mod = node.module or ""
             if mod.startswith("privml"):
-                found.add(mod)
-                found.update(f"{mod}.{a.name}" for a in node.names)  # `from privml import errors`
+                base_dir = ROOT.joinpath(*mod.split("."))
+                for a in node.names:  # `from privml import errors` imports the submodule, not the package API
+                    sub = base_dir / a.name
+                    found.add(f"{mod}.{a.name}" if sub.is_dir() or sub.with_suffix(".py").exists() else mod)
     return found
 
 
@@ -86,7 +88,9 @@ def test_no_module_imports_a_higher_layer() -> None:
             continue  # the public API re-exports from every layer
         own = _layer_of(module, layers)
         for dep in deps:
-            if dep == "privml":
+            if dep == "privml":  # the public API: only the top layer (the CLI) may use it
+                if own is not None and own < max(layers.values()):
+                    bad.append(f"{module} (layer {own}) imports the top-level privml package")
                 continue
             layer = _layer_of(dep, layers)
             if layer is not None and own is not None and layer > own:

@@ -6,8 +6,6 @@ with no ciphertexts, so the depth the plan states is the depth the backend consu
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.fx as fx
 
 from privml.compiler.calibrate import RangeStats
@@ -69,9 +67,3 @@ def _levels_into_layers(plan: Plan, log: list[tuple[str, str, int, int]]) -> Non
     for lp in plan.layers:
         running = lp.level if lp.level is not None else running
         lp.level = running
-
-
-def summarize(plan: Plan) -> dict[str, Any]:
-    """The CKKS numbers a report shows."""
-    p = plan.params
-    return {k: p[k] for k in ("layout", "depth", "poly_modulus_degree", "security_bits") if k in p}

@@ -181,8 +181,6 @@ def describe_module(mod: nn.Module) -> str:
 
 _PLAN_KIND = {"linear": "linear", "reduction": "linear", "shape": "reshape", "identity": "reshape",
               "metadata": "reshape", "output": "output"}
-_ELEMENTWISE_KIND = {"add": "add", "sub": "add", "neg": "add", "mul": "mul", "div": "mul", "square": "mul",
-                     "pow": "mul"}
 
 
 def _node_cost(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, int | None]:
@@ -202,16 +200,14 @@ def _node_cost(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, 
         degree = max((i for i, c in enumerate(node.args[1]) if c), default=0)
         return f"polyval(deg {degree})", "activation", poly_depth(degree)
     if spec.name == "pow":
-        power = node.args[1] if len(node.args) > 1 else None
-        if isinstance(power, int) and power >= 1:
-            return f"pow {power}", "mul", poly_depth(power) if power > 1 else 0
+        power = node.kwargs.get("exponent", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(power, (int, float)) and float(power).is_integer() and power >= 1:
+            return f"pow {int(power)}", "mul", poly_depth(int(power)) if power > 1 else 0
         return desc, "mul", None
-    if spec.kind == "elementwise":
-        kind = _ELEMENTWISE_KIND.get(spec.name, "mul")
-        return desc, kind, 0 if kind == "add" else 1
+    if spec.kind == "elementwise":  # the registry's depth: additions free, products one level
+        return desc, "add" if spec.depth == 0 else "mul", spec.depth
     if spec.kind in _PLAN_KIND:
-        kind = _PLAN_KIND[spec.kind]
-        return desc, kind, 1 if kind == "linear" else 0
+        return desc, _PLAN_KIND[spec.kind], spec.depth
     return desc, "activation", None
 
 
