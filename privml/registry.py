@@ -245,8 +245,7 @@ _SPECS: tuple[OpSpec, ...] = (
            ("torchvision.ops.StochasticDepth",), _IDENTITY, check=_check_dropout(3)),
     # ---- pooling by comparison
     OpSpec("max_pool2d", "pool", (F.max_pool2d,), (), (nn.MaxPool2d,), {"plain": "exact", "mpc": "exact"},
-           {"ckks": "max pooling needs comparisons, which CKKS cannot compute exactly: compile with "
-                    "replace_maxpool=True (AvgPool2d, changes the function) or use the mpc backend."}, depth=None,
+           {"ckks": "max pooling needs comparisons, which CKKS cannot compute exactly."}, depth=None,
            check=_check_max_pool),
     # ---- normalisation by a data-dependent statistic
     OpSpec("layer_norm", "norm", (F.layer_norm,), (), (nn.LayerNorm,),
