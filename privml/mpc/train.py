@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from privml.errors import InvalidInput, PartyFailure, UnsupportedModule
+from privml.parties.fixed_point import open_plain
 from privml.parties.launcher import PartyContext, agree, model_digest, run_parties
 
 _SKIP = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -203,9 +204,9 @@ def training_party(ctx: PartyContext, job: dict, own: dict) -> dict:
     trained = {}
     with rt.scope("<open weights>"):
         for name, (w, b) in params.items():
-            trained[f"{name}.weight"] = w.get_plain_text(dst=job["output_party"])
+            trained[f"{name}.weight"] = open_plain(w, dst=job["output_party"])
             if b is not None:
-                trained[f"{name}.bias"] = b.get_plain_text(dst=job["output_party"])
+                trained[f"{name}.bias"] = open_plain(b, dst=job["output_party"])
     if job["output_party"] not in (None, ctx.rank):
         trained = None
     else:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from privml.errors import InvalidInput, PrivmlError
+from privml.parties.fixed_point import open_plain
 from privml.tensor import PrivateTensor
 
 
@@ -158,7 +159,7 @@ class PartyRuntime:
         if not isinstance(t, MPCTensor) or t.runtime is not self:
             raise InvalidInput("privml: open() needs an MPCTensor of this party")
         with self.scope(label):
-            value = t.payload.get_plain_text(dst=dst)
+            value = open_plain(t.payload, dst=dst)  # not get_plain_text: CrypTen's decoder errs by -1.0
         if dst is not None and dst != self.rank:
             return None
         self.note(what, value)
