@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 DEFAULT_CONFIG = "configs/digits_cnn.yaml"
+ALLOW_HELP = ("also trust model classes from this module prefix in configs/checkpoints (repeatable; trusted by "
+              "default: privml, models, torchvision.models)")
 
 
 def _tensors(dataset: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,12 +33,12 @@ def _tensors(dataset: Any, limit: int | None = None) -> tuple[torch.Tensor, torc
     return (x[:limit], y[:limit]) if limit else (x, y)
 
 
-def _load_model(spec: str, init_args: str | None) -> torch.nn.Module:
+def _load_model(spec: str, init_args: str | None, allowed: list[str] | None = None) -> torch.nn.Module:
     """A model from a dotted class/function path (``torchvision.models.resnet18``) or a training config."""
     if spec.endswith((".yaml", ".yml")):
         from privml.train import train_or_load
 
-        return train_or_load(spec)[0]
+        return train_or_load(spec, allowed=allowed or [])[0]
     module_name, _, attr = spec.rpartition(".")
     if not module_name:
         raise SystemExit(f"privml: give a dotted path like torchvision.models.resnet18 or a config file, not {spec!r}")
@@ -109,7 +111,7 @@ def _session_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_validate(args: argparse.Namespace) -> int:
     from privml.compiler.validate import errors, fix, validate
 
-    model = _load_model(args.model, args.init_args)
+    model = _load_model(args.model, args.init_args, args.allow_module)
     problems = validate(model, args.backend)
     print(f"privml validate: {type(model).__name__} for backend {args.backend!r}: {len(problems)} finding(s)")
     for p in problems:
@@ -132,7 +134,7 @@ def _compile_from_config(args: argparse.Namespace) -> tuple[Any, torch.nn.Module
     import privml
     from privml.train import train_or_load
 
-    model, dm = train_or_load(args.config)
+    model, dm = train_or_load(args.config, allowed=args.allow_module)
     calib, _ = _tensors(dm.train_set, args.calib)
     options = _compile_options(args)
     if "accuracy_tolerance" in options or options.get("simulate_noise"):
@@ -179,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     print(f"[1/4] training or loading the digits CNN ({args.config})", flush=True)
-    model, dm = train_or_load(args.config)
+    model, dm = train_or_load(args.config, allowed=args.allow_module)
     x, y = _tensors(dm.test_set, args.limit)
     calib, _ = _tensors(dm.train_set, 512)
     print(f"      ready in {time.perf_counter() - t0:.1f} s; test split: {len(x)} images", flush=True)
@@ -200,7 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("[3/4] MPC backend: 2 real party processes (CrypTen), exact ReLU", flush=True)
         run("      ", privml.compile(model, calib, backend="mpc"), model, len(x), len(x), "demo_mpc", parties=2)
         print(f"[4/4] CKKS backend after approximation-aware fine-tuning ({args.finetune_config})", flush=True)
-        tuned, _ = train_or_load(args.finetune_config)
+        tuned, _ = train_or_load(args.finetune_config, allowed=args.allow_module)
         for layout, n, batch in (("throughput", len(x), len(x)), ("latency", min(len(x), args.latency_samples), 1)):
             # 14 fractional bits are plenty for argmax over logits and keep the ring at N=16384 (20 needs 32768)
             compiled = privml.compile(tuned, calib, backend="ckks", layout=layout, precision_bits=14)
@@ -218,7 +220,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_fit(argv: list[str]) -> int:
     from privml.train import cli_main
 
-    cli_main(["fit", *argv])
+    allowed, rest = [], []
+    it = iter(argv)
+    for arg in it:  # --allow-module is privml's, not LightningCLI's
+        if arg == "--allow-module":
+            allowed.append(next(it, ""))
+        elif arg.startswith("--allow-module="):
+            allowed.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    cli_main(["fit", *rest], allowed=allowed)
     return 0
 
 
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fix", action="store_true", help="apply the fixes and validate again")
     v.add_argument("--replace-maxpool", action="store_true", help="with --fix: MaxPool2d -> AvgPool2d (lossy)")
     v.add_argument("--input-shape", help="per-sample input shape for the numerical check of fixes, e.g. 3,32,32")
+    v.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
 
     for name, helptext in (("compile", "compile a trained model and print/write its plan"),
                            ("eval", "evaluate a trained model privately and write a report")):
@@ -252,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, help="evaluate only the first N test samples")
             p.add_argument("--batch-size", type=int, default=64)
             p.add_argument("--report-dir", default="artifacts/reports")
+        p.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
 
     d = sub.add_parser("demo", help="the main job: train digits, compile, evaluate privately, print a report")
     d.add_argument("--config", default=DEFAULT_CONFIG)
@@ -261,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--latency-samples", type=int, default=4, help="images for the (slower) latency-layout run")
     d.add_argument("--quick", action="store_true", help="plain backend only (no MPC, no CKKS)")
     d.add_argument("--report-dir", default="artifacts/reports")
+    d.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
     return parser
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,70 @@ from torch.utils.data import DataLoader, Dataset, random_split
 from privml.data import DATASETS, get_dataset
 from privml.errors import InvalidInput, MalformedInput, PrivmlError
 
+TRUSTED_MODULES = ("privml", "models", "torchvision.models")
+"""Where a config's or checkpoint's model ``class_path`` may point without the user allowing more."""
+_MAX_ARG_ITEMS = 10_000
+_MAX_ARG_DEPTH = 16
+_MAX_STR_LEN = 4096
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
 SPEC_KEY = "privml_model_spec"
+
+
+def _in_modules(dotted: str, prefixes: Sequence[str]) -> bool:
+    """True if ``dotted`` is one of the module prefixes or lies below one (``models`` covers ``models.x.Y``)."""
+    return any(dotted == p or dotted.startswith(p + ".") for p in (q.rstrip(".") for q in prefixes if q))
+
+
+def _check_init_args(value: Any, where: str, depth: int = 0, seen: list[int] | None = None) -> None:
+    """Refuse init_args that are not plain JSON data (None, bool, int, float, str, lists, str-keyed dicts)."""
+    seen = [0] if seen is None else seen
+    seen[0] += 1
+    if seen[0] > _MAX_ARG_ITEMS or depth > _MAX_ARG_DEPTH:
+        raise InvalidInput(f"{where}: init_args too large or too deeply nested")
+    if value is None or isinstance(value, (bool, int, float)):
+        return
+    if isinstance(value, str):
+        if len(value) > _MAX_STR_LEN:
+            raise InvalidInput(f"{where}: an init_args string is longer than {_MAX_STR_LEN} characters")
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_init_args(item, where, depth + 1, seen)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInput(f"{where}: init_args keys must be strings, got {type(key).__name__}")
+            _check_init_args(item, where, depth + 1, seen)
+        return
+    raise InvalidInput(f"{where}: init_args may hold only JSON scalars, lists and dicts, not {type(value).__name__}")
+
+
+def check_model_spec(spec: Any, allowed: Sequence[str] = (), where: str = "model spec") -> dict[str, Any]:
+    """Check a ``{"class_path": ..., "init_args": {...}}`` spec before anything is imported or built.
+
+    ``class_path`` must be a dotted path inside :data:`TRUSTED_MODULES` or a module prefix in
+    ``allowed`` (e.g. ``("mypkg",)``); ``init_args`` must be plain JSON data. Raises ``InvalidInput``.
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise InvalidInput(f"{where}: expected {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r:.200}")
+    extra = set(spec) - {"class_path", "init_args"}
+    if extra:
+        raise InvalidInput(f"{where}: unexpected keys {sorted(extra)} besides class_path and init_args")
+    path = spec["class_path"]
+    prefixes = (*TRUSTED_MODULES, *allowed)
+    if "." not in path or not _in_modules(path, prefixes):
+        raise InvalidInput(
+            f"{where}: class_path {path!r:.200} is outside the trusted modules {list(prefixes)}; configs and "
+            f"checkpoints are trusted input, so allow its module explicitly if you trust this file: "
+            f"allowed=({path.rsplit('.', 1)[0]!r},) in Python, --allow-module {path.rsplit('.', 1)[0]} on the CLI"
+        )
+    init_args = spec.get("init_args", {})
+    if init_args is not None and not isinstance(init_args, dict):
+        raise InvalidInput(f"{where}: init_args must be a mapping, got {type(init_args).__name__}")
+    _check_init_args(init_args, where)
+    return spec
 
 
 class ClassifierModule(L.LightningModule):
@@ -184,8 +247,11 @@ class PrivmlCLI(LightningCLI):
     """LightningCLI that records the inner model's class_path/init_args on the module for checkpoints.
 
     Adds a top-level ``num_threads`` option: these models are tiny, and on a busy machine one
-    intra-op thread trains them several times faster than torch's default.
+    intra-op thread trains them several times faster than torch's default. The model's class must
+    lie in :data:`TRUSTED_MODULES` or ``allowed_modules`` (set by :func:`build_cli`).
     """
+
+    allowed_modules: tuple[str, ...] = ()
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -201,6 +267,10 @@ class PrivmlCLI(LightningCLI):
             if threads < 1:
                 raise InvalidInput(f"num_threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
+        spec = self._own_config().get("model.model")
+        path = getattr(spec, "class_path", None)
+        _resolve_class(check_model_spec({"class_path": path}, self.allowed_modules, "training config model"),
+                       self.allowed_modules, "training config model")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -228,12 +298,14 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
+def build_cli(args: list[str] | None, run: bool = True, allowed: Sequence[str] = ()) -> LightningCLI:
     """Parse ``args`` (e.g. ``["fit", "--config", path]``, or ``["--config", path]`` with ``run=False``).
 
     With ``run=False`` the model, datamodule and trainer are instantiated but nothing runs, and
-    parse errors raise ``InvalidInput`` instead of exiting.
+    parse errors raise ``InvalidInput`` instead of exiting. ``allowed``: module prefixes the model's
+    class may come from besides :data:`TRUSTED_MODULES`.
     """
+    cli_class = type("PrivmlCLI", (PrivmlCLI,), {"allowed_modules": tuple(allowed)})
     kwargs: dict[str, Any] = dict(
         subclass_mode_model=False,
         subclass_mode_data=False,
@@ -244,18 +316,24 @@ def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
     )
     with _quiet():
         if run:
-            return PrivmlCLI(ClassifierModule, PrivmlDataModule, **kwargs)
+            return cli_class(ClassifierModule, PrivmlDataModule, **kwargs)
         try:
-            return PrivmlCLI(ClassifierModule, PrivmlDataModule, parser_kwargs={"exit_on_error": False}, **kwargs)
+            return cli_class(ClassifierModule, PrivmlDataModule, parser_kwargs={"exit_on_error": False}, **kwargs)
         except PrivmlError:
             raise
         except Exception as exc:  # jsonargparse reports bad configs with several exception types
             raise InvalidInput(f"invalid training config ({' '.join(args)}): {exc}") from exc
 
 
-def cli_main(argv: list[str] | None = None) -> None:
+def cli_main(argv: list[str] | None = None, allowed: Sequence[str] = ()) -> None:
     """``privml fit --config configs/digits_cnn.yaml`` (argv without the program name; None: sys.argv[1:])."""
-    build_cli(argv, run=True)  # None lets LightningCLI read sys.argv
+    args = list(argv) if argv is not None else sys.argv[1:]
+    for i, arg in enumerate(args):  # check config files' model specs before jsonargparse imports them
+        if arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            _precheck_config(Path(args[i + 1]), allowed)
+        elif arg.startswith("--config=") and Path(arg.split("=", 1)[1]).is_file():
+            _precheck_config(Path(arg.split("=", 1)[1]), allowed)
+    build_cli(argv, run=True, allowed=allowed)  # None lets LightningCLI read sys.argv
 
 
 def checkpoint_path(trainer: L.Trainer) -> Path:
@@ -270,8 +348,23 @@ def checkpoint_path(trainer: L.Trainer) -> Path:
     return Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
 
 
+def _resolve_class(spec: dict[str, Any], allowed: Sequence[str], where: str) -> type[nn.Module]:
+    """Import a checked spec's class; it must be an ``nn.Module`` class defined in a trusted/allowed module."""
+    module_name, _, attr = spec["class_path"].rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidInput(f"{where}: cannot import class_path {spec['class_path']!r}: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise InvalidInput(f"{where}: class_path {spec['class_path']!r} is not an nn.Module class")
+    if not _in_modules(obj.__module__, (*TRUSTED_MODULES, *allowed)):
+        raise InvalidInput(f"{where}: class_path {spec['class_path']!r} re-exports {obj.__module__}.{obj.__name__}, "
+                           f"outside the trusted modules; allow {obj.__module__!r} explicitly if you trust it")
+    return obj
+
+
 def _build_model(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate ``{"class_path": ..., "init_args": {...}}`` the way the CLI did (jsonargparse)."""
+    """Instantiate a checked ``{"class_path": ..., "init_args": {...}}`` the way the CLI did (jsonargparse)."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
@@ -284,11 +377,26 @@ def _build_model(spec: dict[str, Any]) -> nn.Module:
         raise MalformedInput(f"cannot rebuild the model from checkpoint spec {spec}: {exc}") from exc
 
 
-def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def _probe_shapes(spec: dict[str, Any], cls: type[nn.Module]) -> dict[str, tuple[int, ...]] | None:
+    """Parameter/buffer shapes of the spec's model, built on the meta device (nothing allocated).
+
+    None for privml's own wrappers (e.g. ApproximatedModel), which load a checked config of their own.
+    """
+    if _in_modules(cls.__module__, ("privml",)):
+        return None
+    with torch.device("meta"):
+        probe = _build_model(spec)
+    return {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+
+
+def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None,
+                               allowed: Sequence[str] = ()) -> nn.Module:
     """The trained inner ``nn.Module`` of a ClassifierModule checkpoint, on CPU, in eval mode.
 
-    The model is rebuilt from the spec stored in the checkpoint; pass ``model`` (an instance of
-    the right architecture) for checkpoints written without one (a ClassifierModule built by hand).
+    The model is rebuilt from the spec stored in the checkpoint (a trusted-input check first: its
+    class must come from :data:`TRUSTED_MODULES` or ``allowed`` module prefixes, its init_args be plain
+    JSON, and its shapes, probed without allocating, those of the stored weights); pass ``model`` (an
+    instance of the right architecture) for checkpoints written without one.
     """
     path = Path(path)
     if not path.is_file():
@@ -296,13 +404,23 @@ def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         full_state = ckpt["state_dict"]
-    except Exception as exc:
-        raise MalformedInput(f"cannot read checkpoint {path}: {exc}") from exc
-    state = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
+        state = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
+    except Exception as exc:  # truncated/corrupt zip, bad pickle, wrong structure
+        raise MalformedInput(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MalformedInput(f"checkpoint {path}: state_dict entries must be tensors")
     if model is None:
         spec = ckpt.get(SPEC_KEY)
         if spec is None:
             raise InvalidInput(f"checkpoint {path} does not record its model's class; pass model=<an instance>")
+        where = f"checkpoint {path}"
+        cls = _resolve_class(check_model_spec(spec, allowed, where), allowed, where)
+        shapes = _probe_shapes(spec, cls)
+        stored = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes is not None and shapes != stored:
+            diff = sorted(set(shapes.items()) ^ set(stored.items()))[:4]
+            raise MalformedInput(f"{where}: its model spec {spec['class_path']} does not fit the stored weights "
+                                 f"(differences: {diff}); refusing to build it")
         model = _build_model(spec)
     try:
         model.load_state_dict(state)
@@ -311,33 +429,49 @@ def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None)
     return model.eval()
 
 
+def _precheck_config(config: Path, allowed: Sequence[str]) -> None:
+    """Check a config file's model spec before jsonargparse imports anything it names."""
+    try:
+        cfg = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read training config {config}: {exc}") from exc
+    spec = cfg.get("model", {}).get("model") if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else None
+    if isinstance(spec, dict):
+        check_model_spec(spec, allowed, f"training config {config}")
+    elif isinstance(spec, str):
+        check_model_spec({"class_path": spec}, allowed, f"training config {config}")
+
+
 def train_or_load(
-    config: str | Path, force: bool = False, overrides: list[str] | None = None
+    config: str | Path, force: bool = False, overrides: list[str] | None = None, allowed: Sequence[str] = ()
 ) -> tuple[nn.Module, PrivmlDataModule]:
     """Load the checkpoint named by ``config`` if it exists (and not ``force``), else train by ``config``.
 
     Returns the plain inner ``nn.Module`` in eval mode and the datamodule with ``setup()`` done.
     ``overrides`` are extra CLI arguments such as ``["--trainer.max_epochs=2"]``. Like ``privml fit``,
     it applies the config's ``seed_everything`` (global RNG seeding) even when it only loads.
+    Configs and checkpoints are trusted input: the model's class must come from :data:`TRUSTED_MODULES`
+    or the module prefixes in ``allowed`` (e.g. ``("mypkg",)``).
     """
     config = Path(config)
     if not config.is_file():
         raise InvalidInput(f"training config {config} not found")
+    _precheck_config(config, allowed)
     threads = torch.get_num_threads()
     with _quiet():
         try:
-            cli = build_cli(["--config", str(config), *(overrides or [])], run=False)
-            model, datamodule = _fit_or_load(cli, force)
+            cli = build_cli(["--config", str(config), *(overrides or [])], run=False, allowed=allowed)
+            model, datamodule = _fit_or_load(cli, force, allowed)
         finally:
             torch.set_num_threads(threads)  # the config's num_threads applies to training only
     datamodule.setup()
     return model.cpu().eval(), datamodule
 
 
-def _fit_or_load(cli: LightningCLI, force: bool) -> tuple[nn.Module, PrivmlDataModule]:
+def _fit_or_load(cli: LightningCLI, force: bool, allowed: Sequence[str] = ()) -> tuple[nn.Module, PrivmlDataModule]:
     ckpt = checkpoint_path(cli.trainer)
     if ckpt.is_file() and not force:
-        return load_model_from_checkpoint(ckpt), cli.datamodule
+        return load_model_from_checkpoint(ckpt, allowed=allowed), cli.datamodule
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if not ckpt.is_file():
         raise PrivmlError(f"training finished but wrote no checkpoint at {ckpt}")
