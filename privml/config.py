@@ -26,6 +26,7 @@ import torch
 from privml.errors import InvalidInput
 
 SIMULATION_MODES = ("none", "ckks", "fixed_point")
+OUT_OF_RANGE_MODES = ("raise", "warn")
 
 
 def option(default: Any, help: str, **meta: Any) -> Any:
@@ -244,10 +245,15 @@ class SessionConfig(_Config):
 
     range_slack: float | None = option(3.0, "refuse decrypted outputs beyond (1 + slack) x the calibrated "
                                        "half-width from its center (None: no check)", min=0)
+    out_of_range: str = option("raise", "samples outside the calibrated input range (encrypt) or output window "
+                               "(decrypt): raise RangeViolation naming them, or warn and keep them",
+                               choices=OUT_OF_RANGE_MODES)
+
+    session_only: ClassVar[tuple[str, ...]] = ()  # backend-specific options the session itself applies
 
     def backend_options(self) -> dict[str, Any]:
         """The options the backend's ``make_backend`` takes (all but the session's own)."""
-        own = {f.name for f in fields(SessionConfig)}
+        own = {f.name for f in fields(SessionConfig)} | set(self.session_only)
         return {k: v for k, v in self.options().items() if k not in own}
 
 
@@ -262,6 +268,10 @@ class PlainSessionConfig(SessionConfig):
 @dataclass(frozen=True)
 class CKKSSessionConfig(SessionConfig):
     backend: ClassVar[str] = "ckks"
+    session_only: ClassVar[tuple[str, ...]] = ("allow_insecure",)
+
+    allow_insecure: bool = option(False, "generate keys for parameters below 128-bit security (experiments only; "
+                                  "the client's decision: a plan asking for it is ignored)")
 
 
 @dataclass(frozen=True)

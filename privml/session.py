@@ -1,7 +1,14 @@
-"""``privml.Session``: the explicit holder of keys / parties / enclave for one plan (no global state)."""
+"""``privml.Session``: the explicit holder of keys / parties / enclave for one plan (no global state).
+
+The session is the client: it trusts its own configuration, not the plan it received. It re-checks the plan's
+schema, recomputes the CKKS security level from the parameters it is about to generate keys for, checks inputs
+against the calibrated input range before encrypting and every decrypted sample against the output window.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -11,18 +18,41 @@ from privml.compiler.api import check_input
 from privml.compiler.client import apply_client_ops
 from privml.compiler.plan import Plan
 from privml.config import SessionConfig, session_config
-from privml.errors import InvalidInput, RangeViolation
+from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, RangeViolation
 from privml.tensor import PrivateTensor
 
 _UNSET = object()
+MIN_SECURITY_BITS = 128
+
+
+class SampleRangeViolation(RangeViolation):
+    """Some samples of a batch left their calibrated range; the others are usable.
+
+    ``indices``: the flagged samples (batch positions); ``amounts``: how far each one lies outside the window
+    (same units as the data); ``valid_indices`` and ``values``: the other samples and their rows (the inputs for
+    ``encrypt``, the decrypted outputs, client ops applied, for ``decrypt``).
+    """
+
+    def __init__(self, message: str, indices: list[int], amounts: list[float], valid_indices: list[int],
+                 values: torch.Tensor) -> None:
+        super().__init__(message)
+        self.indices = indices
+        self.amounts = amounts
+        self.valid_indices = valid_indices
+        self.values = values
+
+
+class RangeWarning(UserWarning):
+    """``out_of_range="warn"``: samples outside their calibrated range were kept (``session.last_out_of_range``)."""
 
 
 class Session:
     """Encrypts inputs and decrypts outputs for models compiled with ``plan``.
 
     Options are typed (:mod:`privml.config`): ``config=MPCSessionConfig(parties=3)`` or the same as
-    keywords (``parties=3``); ``range_slack`` for every backend, the rest go to the backend
-    (e.g. ``simulation="ckks"`` for plain). An unknown name is refused with the closest valid one.
+    keywords (``parties=3``); ``range_slack`` and ``out_of_range`` for every backend, ``allow_insecure`` for
+    CKKS, the rest go to the backend (e.g. ``simulation="ckks"`` for plain). An unknown name is refused with
+    the closest valid one. ``last_out_of_range`` lists the samples the last ``encrypt``/``decrypt`` flagged.
     """
 
     def __init__(self, plan: Plan, range_slack: Any = _UNSET, *, config: SessionConfig | None = None,
@@ -31,44 +61,146 @@ class Session:
             raise InvalidInput(f"privml: Session needs a Plan (compiled.plan), got {type(plan).__name__}")
         if range_slack is not _UNSET:  # positional, as before the typed configurations
             options["range_slack"] = range_slack
-        self.plan = plan
         self.config = session_config(plan.backend, config, **options)
+        plan.check()
+        self.security_bits: int | None = None
+        if plan.backend == "ckks":
+            plan = self._secure_ckks_plan(plan)
+        self.plan = plan
         self.range_slack = self.config.range_slack
+        self.last_out_of_range: list[int] = []
         self.backend = load_backend(plan.backend).make_backend(plan, **self.config.backend_options())
 
+    def _secure_ckks_plan(self, plan: Plan) -> Plan:
+        """The plan with ``allow_insecure`` set by this session, after recomputing the security level.
+
+        The plan's own ``allow_insecure`` and ``security_bits`` are claims of whoever sent it: ignored.
+        """
+        from privml.he.params import HE_STANDARD_128, CKKSParams
+
+        ck = dict(plan.params["ckks"])
+        asked = ck.pop("allow_insecure", False) is not False
+        params = CKKSParams(ck["poly_modulus_degree"], tuple(ck["coeff_mod_bit_sizes"]), ck["scale_bits"])
+        self.security_bits = params.security_bits
+        allowed = bool(getattr(self.config, "allow_insecure", False))
+        if self.security_bits < MIN_SECURITY_BITS and not allowed:
+            claim = plan.params.get("security_bits")
+            limit = HE_STANDARD_128[params.poly_modulus_degree]
+            raise KeyMaterialError(
+                f"privml: refusing to generate keys: N={params.poly_modulus_degree} with a {params.total_bits}-bit "
+                f"modulus {list(params.coeff_mod_bit_sizes)} is below {MIN_SECURITY_BITS}-bit security (the HE "
+                f"standard allows at most {limit} bits at this N)"
+                + (f"; the plan claims {claim} bits" if claim is not None else "")
+                + ("; the plan asks for allow_insecure, which a session ignores: only the client's own "
+                   "configuration can allow it" if asked else "")
+                + ". Recompile, or for experiments only pass allow_insecure=True to privml.Session.")
+        lo, hi = plan.params["output_range"]
+        if max(abs(lo), abs(hi)) > params.max_value:
+            raise MalformedInput(
+                f"privml: the plan's output range [{lo:.4g}, {hi:.4g}] exceeds what its CKKS parameters can decode "
+                f"(|value| <= {params.max_value:.4g}): wrapped-around results would pass the decrypt check. "
+                "Recompile the model; a session does not accept such a plan.")
+        ck["allow_insecure"] = allowed and self.security_bits < MIN_SECURITY_BITS
+        return dataclasses.replace(plan, params={**plan.params, "ckks": ck, "security_bits": self.security_bits})
+
     def encrypt(self, x: torch.Tensor) -> PrivateTensor:
-        """A private tensor holding ``x`` (batch first, shaped like the calibration samples)."""
+        """A private tensor holding ``x`` (batch first, shaped like the calibration samples).
+
+        Samples outside the plan's calibrated input range (``plan.params["input_range"]``) would be computed on
+        polynomials outside their interval: ``SampleRangeViolation`` names them (``out_of_range="warn"``: a
+        ``RangeWarning``, and they are encrypted anyway).
+        """
         check_input(x, self.plan.input_shape)
-        return self.backend.encrypt(x.detach())
+        x = x.detach()
+        rng = self.plan.params.get("input_range")
+        self.last_out_of_range = []
+        if rng is not None:
+            excess = _excess(x, float(rng[0]), float(rng[1]))
+            self._flag(excess, x, "inputs", f"the calibrated input range [{rng[0]:.4g}, {rng[1]:.4g}]",
+                       "the model's approximations were fitted for calibration-like inputs only. Recompile with "
+                       "calibration data covering these inputs, or encrypt only `err.values`.")
+        return self.backend.encrypt(x)
 
     def decrypt(self, t: PrivateTensor) -> torch.Tensor:
-        """The clear value of a private tensor produced under this session."""
+        """The clear value of a private tensor produced under this session, checked sample by sample.
+
+        Samples outside the output window (see ``check_output_range``) raise ``SampleRangeViolation``
+        carrying the other samples' outputs (``.values``); with ``out_of_range="warn"`` all are returned
+        with a ``RangeWarning`` and the flagged ones listed in ``session.last_out_of_range``.
+        """
         if not isinstance(t, PrivateTensor):
             raise InvalidInput(f"privml: decrypt needs a private tensor, got {type(t).__name__}")
         if type(t).backend_name != self.plan.backend:
             raise InvalidInput(f"privml: cannot decrypt a {type(t).backend_name} tensor in a {self.plan.backend} "
                                "session")
         out = self.backend.decrypt(t)
-        self.check_output_range(out)
-        return apply_client_ops(out, self.plan.params.get("client_ops", []))
+        excess = self.output_excess(out)
+        result = apply_client_ops(out, self.plan.params.get("client_ops", []))
+        self.last_out_of_range = []
+        if excess is not None:
+            lo, hi = self._output_window()
+            self._flag(excess, result, "decrypted outputs", f"the output window [{lo:.4g}, {hi:.4g}] (the "
+                       f"calibrated output range widened by range_slack={self.range_slack})",
+                       "an intermediate value probably left the interval its approximation or encoding was "
+                       "planned for, so these numbers cannot be trusted. Recompile with calibration data that "
+                       "covers these inputs (or a larger margin).")
+        return result
 
     def check_output_range(self, out: torch.Tensor) -> None:
-        """Raise ``RangeViolation`` if decrypted values fall far outside the calibrated output range.
+        """Raise ``SampleRangeViolation`` if decrypted values fall far outside the calibrated output range.
 
         Encrypted backends fail silently: an intermediate value leaving its polynomial's interval, or a
         CKKS value wrapping around its modulus, shows up as outputs far from anything seen in calibration.
         The window is the calibrated range widened by ``range_slack`` times its half-width on each side
-        (``range_slack=None`` disables the check).
+        (``range_slack=None`` disables the check; a plan cannot).
         """
-        rng = self.plan.params.get("output_range")
-        if self.range_slack is None or not rng or out.shape[-1:] == (0,):
-            return
-        lo, hi = float(rng[0]), float(rng[1])
+        excess = self.output_excess(out)
+        if excess is not None:
+            lo, hi = self._output_window()
+            self._flag(excess, out, "decrypted outputs", f"the output window [{lo:.4g}, {hi:.4g}]",
+                       "These numbers cannot be trusted.", mode="raise")
+
+    def output_excess(self, out: torch.Tensor) -> torch.Tensor | None:
+        """Per sample, how far its decrypted values lie outside the output window (0 inside; None: no check)."""
+        if self.range_slack is None or out.dim() == 0 or out.shape[-1:] == (0,) or out.numel() == 0:
+            return None
+        if self.plan.params.get("output_range") is None:
+            return None  # plain backend only: Plan.check requires an output range for encrypted ones
+        lo, hi = self._output_window()
+        return _excess(out, lo, hi)
+
+    def _output_window(self) -> tuple[float, float]:
+        lo, hi = (float(v) for v in self.plan.params["output_range"])
         center, half = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
-        worst = float((out - center).abs().max()) if out.numel() else 0.0
-        if not worst <= half * (1 + self.range_slack):
-            raise RangeViolation(
-                f"privml: decrypted outputs reach {worst:.4g} from the calibrated center {center:.4g}, beyond "
-                f"{1 + self.range_slack:.3g}x the calibrated half-width {half:.4g}: an intermediate value probably "
-                "left the interval its approximation or encoding was planned for, so these numbers cannot be "
-                "trusted. Recompile with calibration data that covers these inputs (or a larger margin).")
+        width = half * (1 + float(self.range_slack or 0.0))
+        return center - width, center + width
+
+    def _flag(self, excess: torch.Tensor, values: torch.Tensor, what: str, window: str, why: str,
+              mode: str | None = None) -> None:
+        """Raise (or warn about) the samples with ``excess > 0``, naming each index and its distance."""
+        bad = [i for i, e in enumerate(excess.tolist()) if not e <= 0]  # NaN counts as outside
+        if not bad:
+            return
+        amounts = [float(excess[i]) for i in bad]
+        shown = ", ".join(f"{i} (by {a:.3g})" for i, a in zip(bad[:10], amounts[:10], strict=True))
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        message = (f"privml: {len(bad)} of {len(excess)} samples have {what} outside {window}: sample {shown}{more}. "
+                   f"{why}").rstrip()
+        self.last_out_of_range = bad
+        if (mode or self.config.out_of_range) == "warn":
+            warnings.warn(message + " (out_of_range='warn': kept)", RangeWarning, stacklevel=3)
+            return
+        valid = [i for i in range(len(excess)) if i not in set(bad)]
+        raise SampleRangeViolation(message + " The other samples are in `err.values` (`err.valid_indices`).",
+                                   bad, amounts, valid, values[valid])
+
+
+def _excess(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Per sample (first dim), the largest distance of its values below ``lo`` or above ``hi`` (0 when inside)."""
+    flat = x.detach().reshape(x.shape[0], -1).double()
+    if flat.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64)
+    below, above = (lo - flat).amax(dim=1), (flat - hi).amax(dim=1)
+    worst = torch.maximum(below, above).clamp(min=0)
+    return torch.where(torch.isfinite(flat).all(dim=1), worst, torch.full_like(worst, float("nan")))
+

@@ -107,6 +107,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
         applied += fixes
         stats = calibrate(gm, batches, input_shape)
     plan = build_plan(gm, stats, backend, input_shape, fixes=applied, options=cfg.to_dict())
+    plan.params["input_range"] = input_range(batches, cfg.margin)
     if client_ops:
         plan.params["client_ops"] = client_ops
     if choice is not None:
@@ -117,6 +118,18 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
     if isinstance(cfg, CKKSConfig):
         _plan_ckks(gm, stats, plan, cfg, choice)
     return CompiledModel(gm, plan)
+
+
+def input_range(batches: list[torch.Tensor], margin: float) -> list[float]:
+    """Global [min, max] of the calibration inputs, widened by ``margin`` x its width on each side.
+
+    ``Session.encrypt`` checks inputs against it: approximations hold only on calibration-like inputs. One global
+    interval rather than one per feature: a pixel that is always 0 in calibration would otherwise refuse any ink.
+    """
+    lo = min(float(b.min()) for b in batches)
+    hi = max(float(b.max()) for b in batches)
+    pad = (hi - lo) * margin if hi > lo else max(abs(lo), 1.0) * max(margin, 1e-6)  # constant inputs: lo < hi
+    return [lo - pad, hi + pad]
 
 
 def _plan_ckks(gm: nn.Module, stats: Any, plan: Plan, cfg: CKKSConfig, choice: Any) -> None:

@@ -8,7 +8,8 @@ consumes and the running level; globally, backend parameters and security level.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,22 @@ import torch.nn as nn
 from privml.approx.basis import poly_depth
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.capture import node_label, node_spec
-from privml.config import CompileConfig, config_from_dict
+from privml.config import BACKENDS, CompileConfig, config_from_dict
 from privml.errors import InvalidInput, MalformedInput
+from privml.he.params import HE_STANDARD_128, MAX_PRIME_BITS
 
 PLAN_VERSION = 1
+
+# Bounds a received plan must keep (Plan.check): a crafted plan must not make the client spend unbounded time or memory.
+MAX_NESTING = 24  # JSON nesting depth
+MAX_ITEMS = 2_000_000  # numbers, strings and containers in the whole plan
+MAX_INPUT_ELEMENTS = 1 << 20  # product of input_shape
+MAX_INPUT_DIMS = 8
+MAX_LAYERS = 10_000
+MAX_CHAIN_PRIMES = 64  # coefficient modulus primes
+ROTATION_STEPS_PER_LOG_N = 4  # at most 4 * log2(N) Galois keys (real plans: DigitsCNN 11, LeNet-5 10)
+ENCRYPTED_BACKENDS = ("ckks", "mpc")
+
 
 @dataclass
 class LayerPlan:
@@ -45,6 +58,10 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerPlan:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or not set(d) <= names or not {"name", "node", "op", "kind"} <= set(d):
+            raise MalformedInput(f"privml: a plan layer must be an object with name, node, op, kind (and only "
+                                 f"{sorted(names)}), got {_head(d)}")
         d = dict(d)
         for key in ("out_shape", "in_range", "out_range"):
             if d.get(key) is not None:
@@ -100,26 +117,67 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """A plan from its ``to_dict`` form, schema-checked (``check``); anything else is ``MalformedInput``."""
         if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise MalformedInput(f"privml: not a plan of version {PLAN_VERSION} (got {got})")
-        d = dict(d)
-        d.pop("total_depth", None)
-        d["input_shape"] = tuple(d["input_shape"])
-        d["layers"] = [LayerPlan.from_dict(x) for x in d["layers"]]
-        plan = cls(**d)
+            raise MalformedInput(f"privml: not a plan of version {PLAN_VERSION} (got {_head(got)})")
         try:
+            _check_size(d)
+            d = dict(d)
+            d.pop("total_depth", None)
+            names = {f.name for f in fields(cls)}
+            if not set(d) <= names or not {"backend", "input_shape"} <= set(d):
+                raise MalformedInput(f"privml: a plan has the fields {sorted(names)} (backend and input_shape "
+                                     f"required), got {sorted(map(str, d))[:20]}")
+            if not isinstance(d.get("input_shape"), (list, tuple)) or not isinstance(d.get("layers", []), list):
+                raise MalformedInput("privml: a plan's input_shape and layers must be lists")
+            d["input_shape"] = tuple(d["input_shape"])
+            d["layers"] = [LayerPlan.from_dict(x) for x in d.get("layers", [])]
+            plan = cls(**d)
+            plan.check()
             plan.config  # noqa: B018 - a plan whose options no config accepts is malformed
+        except MalformedInput:
+            raise
         except InvalidInput as err:
             raise MalformedInput(f"privml: the plan's options are not a valid config: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as err:
+            raise MalformedInput(f"privml: not a valid plan: {type(err).__name__}: {_head(err)}") from None
         return plan
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         try:
-            return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise MalformedInput(f"privml: cannot read plan JSON: {err}") from None
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError, TypeError, ValueError) as err:
+            raise MalformedInput(f"privml: cannot read plan JSON: {type(err).__name__}: {_head(err)}") from None
+        return cls.from_dict(data)
+
+    def check(self) -> Plan:
+        """Schema and bounds of every field a client acts on; ``MalformedInput`` naming the first bad one.
+
+        Types, finite numbers, lengths; CKKS ring dimension from the HE standard table, prime sizes, at most
+        ``ROTATION_STEPS_PER_LOG_N * log2(N)`` rotation steps each below N/2; ranges finite with lo < hi; an
+        encrypted backend needs an output range (``Session.decrypt`` checks every result against it).
+        """
+        _expect(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        shape = self.input_shape
+        _expect(isinstance(shape, tuple) and 1 <= len(shape) <= MAX_INPUT_DIMS and all(_is_int(v) and v > 0
+                for v in shape) and math.prod(shape) <= MAX_INPUT_ELEMENTS, "input_shape", shape,
+                f"1 to {MAX_INPUT_DIMS} positive integers with a product <= {MAX_INPUT_ELEMENTS}")
+        _expect(isinstance(self.layers, list) and len(self.layers) <= MAX_LAYERS, "layers", len(self.layers),
+                f"a list of at most {MAX_LAYERS}")
+        for lp in self.layers:
+            _check_layer(lp)
+        for name in ("fixes", "notes"):
+            value = getattr(self, name)
+            _expect(isinstance(value, list) and all(isinstance(v, str) for v in value), name, value,
+                    "a list of strings")
+        _expect(isinstance(self.options, dict), "options", self.options, "an object")
+        _expect(isinstance(self.predicted, dict) and all(isinstance(k, str) and _is_real(v)
+                for k, v in self.predicted.items()), "predicted", self.predicted, "an object of finite numbers")
+        _expect(isinstance(self.params, dict), "params", self.params, "an object")
+        _check_params(self.params, self.backend)
+        return self
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -158,6 +216,109 @@ class Plan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _head(v: object, n: int = 120) -> str:
+    """A bounded repr for error messages (a crafted plan must not make them huge)."""
+    try:
+        text = repr(v)
+    except (RecursionError, ValueError):
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _expect(ok: bool, name: str, value: object, what: str) -> None:
+    if not ok:
+        raise MalformedInput(f"privml: plan field {name} must be {what}, got {_head(value)}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def usable_range(r: object) -> bool:
+    """Whether ``r`` is a pair of finite numbers with lo < hi."""
+    return isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_real(v) for v in r) and r[0] < r[1]
+
+
+def _check_size(d: object) -> None:
+    """Bounded nesting and item count, walked without recursion (a deeply nested plan cannot overflow the stack)."""
+    stack, count = [(d, 0)], 0
+    while stack:
+        v, depth = stack.pop()
+        count += 1
+        if depth > MAX_NESTING or count > MAX_ITEMS:
+            raise MalformedInput(f"privml: plan nests deeper than {MAX_NESTING} levels or holds more than "
+                                 f"{MAX_ITEMS} items")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise MalformedInput(f"privml: plan holds a non-finite number ({v})")
+
+
+def _check_layer(lp: LayerPlan) -> None:
+    where = f"layers[{lp.name!r}]" if isinstance(lp.name, str) else "layers[?]"
+    for name in ("name", "node", "op", "kind", "approx"):
+        _expect(isinstance(getattr(lp, name), str), f"{where}.{name}", getattr(lp, name), "a string")
+    _expect(isinstance(lp.out_shape, tuple) and all(_is_int(v) and v >= 0 for v in lp.out_shape),
+            f"{where}.out_shape", lp.out_shape, "non-negative integers")
+    for name in ("in_range", "out_range"):
+        r = getattr(lp, name)
+        _expect(r is None or (len(r) == 2 and all(_is_real(v) for v in r) and r[0] <= r[1]), f"{where}.{name}", r,
+                "None or two finite numbers lo <= hi")
+    for name in ("degree", "depth", "level"):
+        v = getattr(lp, name)
+        _expect(v is None or (_is_int(v) and v >= 0), f"{where}.{name}", v, "None or a non-negative integer")
+    _expect(_is_real(lp.est_error), f"{where}.est_error", lp.est_error, "a finite number")
+    _expect(lp.coeffs is None or (isinstance(lp.coeffs, list) and all(_is_real(c) for c in lp.coeffs)),
+            f"{where}.coeffs", lp.coeffs, "None or a list of finite numbers")
+    for name in ("cost", "spec"):
+        _expect(getattr(lp, name) is None or isinstance(getattr(lp, name), dict), f"{where}.{name}",
+                getattr(lp, name), "None or an object")
+
+
+def _check_params(params: dict[str, Any], backend: str) -> None:
+    """The parameters the client acts on: output/input ranges, and for CKKS the ring, chain and rotations."""
+    out = params.get("output_range")
+    if backend in ENCRYPTED_BACKENDS or out is not None:
+        _expect(usable_range(out), "params.output_range", out, "two finite numbers lo < hi (an encrypted backend's "
+                "decryptions are checked against it, so a plan cannot leave it out)")
+    inp = params.get("input_range")
+    _expect(inp is None or usable_range(inp), "params.input_range", inp, "None or two finite numbers lo < hi")
+    _expect(params.get("layout", "latency") in ("latency", "throughput"), "params.layout", params.get("layout"),
+            "latency or throughput")
+    _expect(isinstance(params.get("client_ops", []), list), "params.client_ops", params.get("client_ops"), "a list")
+    if backend != "ckks" and "ckks" not in params:
+        return
+    ck = params.get("ckks")
+    _expect(isinstance(ck, dict), "params.ckks", ck, "an object with poly_modulus_degree, coeff_mod_bit_sizes, "
+            "scale_bits")
+    n, chain, sb = ck.get("poly_modulus_degree"), ck.get("coeff_mod_bit_sizes"), ck.get("scale_bits")
+    _expect(n in HE_STANDARD_128 and _is_int(n), "params.ckks.poly_modulus_degree", n,
+            f"one of {sorted(HE_STANDARD_128)}")
+    _expect(isinstance(chain, list) and 2 <= len(chain) <= MAX_CHAIN_PRIMES and all(
+        _is_int(b) and 2 <= b <= MAX_PRIME_BITS for b in chain), "params.ckks.coeff_mod_bit_sizes", chain,
+        f"2 to {MAX_CHAIN_PRIMES} prime sizes of 2 to {MAX_PRIME_BITS} bits")
+    _expect(_is_int(sb) and 1 <= sb <= MAX_PRIME_BITS, "params.ckks.scale_bits", sb,
+            f"an integer in [1, {MAX_PRIME_BITS}]")
+    _expect(isinstance(ck.get("allow_insecure", False), bool), "params.ckks.allow_insecure", ck.get("allow_insecure"),
+            "true or false (and a client ignores it: its own session decides)")
+    steps = params.get("rotation_steps", [])
+    limit = ROTATION_STEPS_PER_LOG_N * int(math.log2(n))
+    _expect(isinstance(steps, list) and len(steps) <= limit and all(_is_int(s) and 0 < abs(s) < n // 2 for s in steps),
+            "params.rotation_steps", steps if isinstance(steps, list) and len(steps) <= 8 else f"{len(steps)} steps"
+            if isinstance(steps, list) else steps, f"at most {limit} integers 0 < |step| < {n // 2} at N={n}")
+    for name in ("depth", "security_bits", "poly_modulus_degree"):
+        v = params.get(name)
+        _expect(v is None or (_is_int(v) and v >= 0), f"params.{name}", v, "a non-negative integer")
+    _expect(params.get("input_expansion") is None or isinstance(params["input_expansion"], dict),
+            "params.input_expansion", params.get("input_expansion"), "None or an object")
 
 
 def _short(v: Any) -> str:
