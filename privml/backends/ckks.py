@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from privml.errors import InvalidInput, MalformedInput, PrivmlError
+from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
 from privml.registry import REGISTRY
 from privml.tensor import PrivateTensor, current_module, out_of_place
 from privml.tensor.base import op_name, unsupported
@@ -66,19 +67,31 @@ class Affine:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return ("T", id(t), t._version, tuple(t.shape))
+    """A plain tensor's cache key from its content (dtype, shape, blake2b of the bytes).
+
+    Not ``id(t)``: CPython reuses the ids of freed temporaries, so an id-based key once returned the
+    affine map (and encoded diagonals) of an earlier, different operand."""
+    data = t.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    raw = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return ("T", str(t.dtype), tuple(t.shape), hashlib.blake2b(raw, digest_size=32).digest())
 
 
 def _arg_key(a: object) -> object:
     """A cache key for an op argument: the encrypted operand by shape only (it changes every call, the
-    affine map does not), plain tensors by identity and version (weights), anything else by value."""
+    affine map does not), plain tensors and arrays by content, containers element-wise, anything else by value."""
     if isinstance(a, PrivateTensor):
         return ("X", tuple(a.shape[1:]))
     if isinstance(a, torch.Tensor):
         return _tensor_key(a)
+    if isinstance(a, np.ndarray):
+        return _tensor_key(torch.from_numpy(np.ascontiguousarray(a)))
     if isinstance(a, (list, tuple)):
-        return tuple(_arg_key(x) for x in a)
-    return repr(a)
+        return (type(a).__name__, *(_arg_key(x) for x in a))
+    if isinstance(a, dict):
+        return ("dict", *sorted((str(k), _arg_key(v)) for k, v in a.items()))
+    return (type(a).__name__, repr(a))
 
 
 def extract_affine(fn: Callable[[torch.Tensor], torch.Tensor], sample_shape: tuple[int, ...]
@@ -142,6 +155,9 @@ class Runtime:
 
     # ---- client side
     def encrypt(self, x: torch.Tensor) -> list:
+        if x.dim() < 1 or x.shape[0] < 1 or x.numel() < 1:
+            raise InvalidInput(f"privml: cannot encrypt an empty batch (shape {list(x.shape)}): the CKKS backend "
+                               "needs at least one sample with at least one value")
         flat = x.detach().double().reshape(x.shape[0], -1).numpy()
         if self.layout == "latency":
             if self.expansion is not None:
@@ -498,6 +514,29 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=32, person=b"privml-ct-v1").digest()
 
 
+_MAX_DIMS = 8
+_MAX_DIM = 1 << 24
+
+
+def _parse_header(raw: bytes) -> tuple[tuple[int, ...], str, bool]:
+    """(shape, layout, expanded) of a tensor header; MalformedInput for anything but the exact expected types."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, nesting deeper than the parser allows
+        raise MalformedInput("privml: corrupt encrypted tensor header (not JSON)") from None
+    if not isinstance(header, dict) or set(header) - {"shape", "layout", "expanded"}:
+        raise MalformedInput("privml: corrupt encrypted tensor header (unexpected structure or fields)")
+    shape, layout, expanded = header.get("shape"), header.get("layout"), header.get("expanded", False)
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= _MAX_DIMS
+            or any(type(s) is not int or not 1 <= s <= _MAX_DIM for s in shape)):
+        raise MalformedInput(f"privml: corrupt encrypted tensor header: bad shape {str(shape)[:80]}")
+    if not isinstance(layout, str) or layout not in LAYOUTS or not isinstance(expanded, bool):
+        raise MalformedInput("privml: corrupt encrypted tensor header: bad layout or expansion flag")
+    if math.prod(shape) > 1 << 40:
+        raise MalformedInput(f"privml: implausible tensor shape {shape}")
+    return tuple(shape), layout, expanded
+
+
 def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
     """Inverse of ``dumps`` under ``runtime``'s context; foreign or tampered bytes raise privml errors."""
     from privml.he.serialize import load_ciphertexts
@@ -515,20 +554,17 @@ def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
         raise MalformedInput(f"privml: encrypted tensor format version {version}, expected {_TENSOR_VERSION}")
     if hlen > 4096 or 14 + hlen > len(data):
         raise MalformedInput("privml: truncated or corrupt encrypted tensor header")
-    try:
-        header = json.loads(data[14:14 + hlen])
-        shape = tuple(int(s) for s in header["shape"])
-        layout = str(header["layout"])
-        expanded = bool(header.get("expanded", False))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise MalformedInput("privml: corrupt encrypted tensor header") from None
-    if layout != runtime.layout or len(shape) < 1 or any(s < 1 for s in shape):
-        raise MalformedInput(f"privml: tensor layout/shape {layout}/{shape} does not fit this session "
-                             f"({runtime.layout})")
+    shape, layout, expanded = _parse_header(data[14:14 + hlen])
+    if layout != runtime.layout:
+        raise MalformedInput(f"privml: tensor layout {layout} does not fit this session ({runtime.layout})")
+    per_ct = math.prod(shape[1:]) if layout == "latency" else shape[0]
+    if per_ct > runtime.slots:
+        raise MalformedInput(f"privml: tensor shape {list(shape)} needs {per_ct} slots per ciphertext, this "
+                             f"context has {runtime.slots}")
     if expanded and runtime.expansion is None:
         raise MalformedInput("privml: the tensor claims an expanded first-layer input, which this plan does not use")
     cts = load_ciphertexts(runtime.ctx, data[14 + hlen:])
-    expected = shape[0] if layout == "latency" else int(np.prod(shape[1:]))
+    expected = shape[0] if layout == "latency" else math.prod(shape[1:])
     if len(cts) != expected:
         raise MalformedInput(f"privml: header promises {expected} ciphertexts, got {len(cts)}")
     if runtime.expansion is not None and expanded:
@@ -566,14 +602,34 @@ class CKKSBackend:
         self.ctx = CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = Runtime(self.ctx, layout, _expansion_of(plan))
+        self.sent_batches: set[int] = set()  # batch sizes this client encrypted: a result must have one of them
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
-        return CKKSTensor(self.runtime.encrypt(x), tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
+        payload = self.runtime.encrypt(x)
+        self.sent_batches.add(int(x.shape[0]))
+        return CKKSTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
+
+    def check_ours(self, t: CKKSTensor) -> None:
+        """KeyMaterialError unless ``t`` was made under this backend's keys; MalformedInput unless its batch size
+        is one this client encrypted (ops never change the batch, so a response with more rows is forged)."""
+        ctx = getattr(t.runtime, "ctx", None)
+        fingerprint = getattr(ctx, "fingerprint", None)
+        if fingerprint != self.ctx.fingerprint:
+            raise KeyMaterialError("privml: this encrypted tensor was produced under another key set (context "
+                                   "fingerprint mismatch): decrypt it with the session that encrypted its input")
+        if t.shape[0] not in self.sent_batches:
+            raise MalformedInput(f"privml: the encrypted result has a batch of {t.shape[0]} samples but this session "
+                                 f"only encrypted batches of {sorted(self.sent_batches)}: the response is forged or "
+                                 "belongs to another client")
 
     def decrypt(self, t: CKKSTensor) -> torch.Tensor:
+        self.check_ours(t)
         t = t.materialized()
         values = self.runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
-        return torch.from_numpy(values).float().reshape(t.shape)
+        out = torch.from_numpy(values).float().reshape(t.shape)
+        if not torch.isfinite(out).all():  # e.g. coefficients rewritten in transit (the checksum is not a MAC)
+            raise MalformedInput("privml: decrypted values are not finite: the ciphertexts were corrupted")
+        return out
 
     def levels_used(self, t: CKKSTensor) -> int:
         """Levels a (materialized) result consumed since encryption."""
@@ -631,7 +687,12 @@ class CKKSServer:
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
         """Decode ciphertexts, run ``model`` on them, return the encrypted result as bytes."""
         x = loads(request, self.runtime)
-        y = model(x)
+        try:
+            y = model(x)
+        except PrivmlError:
+            raise
+        except (ValueError, RuntimeError) as exc:  # SEAL refusing a ciphertext that passed every load-time check
+            raise MalformedInput(f"privml: evaluating the request failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(y, CKKSTensor):
             raise PrivmlError("privml: the model did not return an encrypted tensor")
         return dumps(y)

@@ -301,6 +301,10 @@ def load_ciphertexts(ctx: CKKSContext, data: bytes) -> list:
         ct = seal_from_bytes(seal.Ciphertext(), ctx.seal_context, _seal_blob(sec, bound, f"ciphertext {i}"))
         if ct.size() != 2:
             raise MalformedInput(f"ciphertext {i} has size {ct.size()}, expected 2")
+        if not ct.is_ntt_form():  # SEAL's CKKS evaluator refuses these later with a bare ValueError
+            raise MalformedInput(f"ciphertext {i} is not in NTT form (CKKS ciphertexts always are)")
+        if ct.is_transparent():  # c1 == 0: "encrypts" its value in the clear, and SEAL refuses to compute on it
+            raise MalformedInput(f"ciphertext {i} is transparent (its second polynomial is zero)")
         try:
             lvl = ctx.level(ct)
         except KeyMaterialError as exc:
