@@ -139,10 +139,9 @@ class CompileConfig(_Config):
     """Options of ``privml.compile`` every backend takes: model fixes and the approximation pass.
 
     The approximation pass runs for CKKS always and for MPC when a budget (``max_error``,
-    ``accuracy_tolerance``) is given; see :mod:`privml.compiler.choose`.
+    ``accuracy_tolerance``) is given or an activation has no exact MPC form; see
+    :mod:`privml.compiler.choose`. Without a budget or ``degree`` it meets ``agreement_target``.
     """
-
-    default_degree: ClassVar[int] = 4  # the one fixed degree used when neither degree nor a budget is given
 
     replace_maxpool: bool = option(False, "replace MaxPool2d by AvgPool2d (lossy); otherwise MaxPool is refused")
     max_error: float | None = option(None, "budget: max approximation error per activation on its interval",
@@ -154,7 +153,10 @@ class CompileConfig(_Config):
         choose=True, cli=False, compare=False)
     depth_budget: int | None = option(None, "budget: total multiplicative depth (CKKS)", min=0, choose=True)
     degree: int | None = option(None, "one polynomial degree for every approximated activation "
-                                "(default: 4 when no budget is given)", min=1, max=63, choose=True)
+                                "(default: chosen to meet agreement_target)", min=1, max=63, choose=True)
+    agreement_target: float = option(0.99, "without a budget or degree: fraction of calibration samples on which "
+                                     "the approximated model's argmax must equal the original's (else a "
+                                     "FidelityWarning)", min=0, max=1, choose=True)
     margin: float = option(0.1, "widen each calibrated interval by this fraction of its width", min=0, choose=True)
     percentile: bool | tuple[float, float] | None = option(
         None, "percentile ranges instead of min/max: true for (0.1, 99.9), or (low, high) in percent", choose=True)
@@ -177,11 +179,12 @@ class CompileConfig(_Config):
         return False
 
     def choose_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``choose``: set ``choose`` options; without a budget, ``default_degree``."""
+        """Keyword arguments for ``choose``: the set ``choose`` options (``agreement_target`` only without a
+        budget or degree, the only case it decides)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("choose")}
         out = {k: v for k, v in out.items() if v is not None}
-        if self.degree is None and not self.has_budget:
-            out["degree"] = self.default_degree
+        if self.degree is not None or self.has_budget:
+            out.pop("agreement_target", None)
         return out
 
     def to_dict(self) -> dict[str, Any]:

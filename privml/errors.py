@@ -87,3 +87,12 @@ class MalformedInput(PrivmlError, ValueError):
 
 class BackendUnavailable(PrivmlError, ImportError):
     """An optional backend library is not installed; the message says how to install it."""
+
+
+class FidelityWarning(UserWarning):
+    """The compiled model's predictions differ from the original's more than the fidelity target allows.
+
+    Raised as a warning (``warnings.warn``) by ``privml.compile`` when no budget is given and the
+    approximated model's argmax agrees with the original's on fewer calibration samples than
+    ``agreement_target``; the message names the layers to blame and the remedies.
+    """

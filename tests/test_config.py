@@ -80,7 +80,7 @@ def test_defaults_are_the_dataclass_defaults_recorded_in_the_plan() -> None:
     assert {k: v for k, v in plan.options.items() if k != "type"} == defaults
     assert plan.config == CKKSConfig()
     assert plan.params["layout"] == defaults["layout"] == "latency"
-    assert plan.params["approximation"]["targets"] == {"degree": CKKSConfig.default_degree}
+    assert plan.params["approximation"]["targets"] == {"agreement": defaults["agreement_target"]}
     assert privml.compile(_mlp(), CALIB).plan.config == PlainConfig()
 
 

@@ -59,6 +59,11 @@ def annotate_plan(plan: Any, result: ChoiceResult, names: dict[str, str]) -> Non
         plan.params["refresh_points"] = [row.name for row in plan.layers if row.node in refreshed]
         plan.params["segment_depth"] = max((row.level or 0 for row in plan.layers), default=0)
         plan.params["approximation"]["refresh_points"] = plan.params["refresh_points"]
+    if result.fidelity:
+        plan.predicted.update({"agreement": result.fidelity["agreement"],
+                               "agreement_samples": result.fidelity["samples"]})
+    if result.warning:
+        plan.notes.append(result.warning)
     if result.accuracy:
         plan.predicted.update({"accuracy_original": result.accuracy["original"],
                                "accuracy_approx": result.accuracy["approximated"],

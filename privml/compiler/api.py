@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from privml.compiler.norms import approximate_layer_norms
 from privml.compiler.plan import Plan, build_plan
 from privml.compiler.validate import fix, raise_if_errors, validate
 from privml.config import CKKSConfig, CompileConfig, compile_config
-from privml.errors import BudgetError, CalibrationError, InvalidInput
+from privml.errors import BudgetError, CalibrationError, FidelityWarning, InvalidInput
 from privml.tensor import PrivateTensor, module_scope
 
 
@@ -91,6 +93,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
     fixable_ok = [p for p in problems if not (p.kind == "maxpool" and cfg.replace_maxpool)]
     raise_if_errors(fixable_ok, model)
     _probe(model, batches[0][:2])
+    reference = copy.deepcopy(model).eval()  # what accuracy and agreement are measured against: the user's model
     gm, applied = fix(model, batches[0][:64], replace_maxpool=cfg.replace_maxpool)
     raise_if_errors(validate(gm, backend), model)
     client_ops = split_client_ops(gm, backend)
@@ -102,7 +105,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
     if cfg.approximates or needs_approximation(gm, backend):
         from privml.compiler.choose import apply_choice, choose
 
-        choice = choose(gm, stats, backend, torch.cat(batches)[:512], **cfg.choose_options())
+        choice = choose(gm, stats, backend, torch.cat(batches)[:512], reference=reference, **cfg.choose_options())
         fixes, names = apply_choice(gm, choice, trainable=cfg.trainable)
         applied += fixes
         stats = calibrate(gm, batches, input_shape)
@@ -115,9 +118,26 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
 
         annotate_plan(plan, choice, names)
         interval_notes(gm, plan)
+    elif cfg.replace_maxpool:
+        _check_fixes(gm, reference, torch.cat(batches)[:512], plan, cfg.agreement_target)
+    if choice is not None and choice.warning:
+        warnings.warn(choice.warning, FidelityWarning, stacklevel=2)
     if isinstance(cfg, CKKSConfig):
         _plan_ckks(gm, stats, plan, cfg, choice)
     return CompiledModel(gm, plan)
+
+
+def _check_fixes(gm: nn.Module, reference: nn.Module, x: torch.Tensor, plan: Plan, target: float) -> None:
+    """Without an approximation pass, the agreement of the fixed model (MaxPool -> AvgPool) with the original."""
+    from privml.compiler.choose import fixes_warning
+    from privml.compiler.evaluate import agrees
+
+    with torch.no_grad():
+        agreement = float(agrees(gm(x), reference(x)).float().mean())
+    plan.predicted.update({"agreement": agreement, "agreement_samples": float(x.shape[0])})
+    if agreement < target:
+        plan.notes.append(fixes_warning(agreement, target))
+        warnings.warn(plan.notes[-1], FidelityWarning, stacklevel=3)
 
 
 def input_range(batches: list[torch.Tensor], margin: float) -> list[float]:

@@ -10,6 +10,11 @@ accuracy against the original model on ``validation`` data, evaluated in clear) 
 ``depth_budget`` (total CKKS multiplicative depth). They combine: ``max_error`` sets the
 starting point, ``depth_budget`` caps every step, ``accuracy_tolerance`` decides when to
 stop raising. Alone, ``depth_budget`` spends the depth where it reduces the error most.
+Without any of them (and without ``degree``), ``agreement_target`` (default 0.99, declared in
+:class:`privml.config.CompileConfig`) decides: the approximated model's argmax must equal the
+original model's on that fraction of the calibration samples (no labels needed), within the
+backend's depth limit; ``result.warning`` says why and whom to blame when it cannot.
+Accuracy and agreement are measured against ``reference``, the model the user passed in.
 
 This module is the entry point: it checks the arguments, builds each activation's ladder and
 runs the search; applying the result to a graph and a plan is :mod:`privml.compiler.annotate`.
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from privml.approx.fit import fit_activation
 from privml.compiler.annotate import annotate_plan, apply_choice, interval_notes, simulated_accuracy
@@ -39,7 +45,10 @@ from privml.compiler.candidates import (
 from privml.compiler.costs import MPC_RELU_ROUNDS, depth_cap, mpc_poly_cost, numeric_unit
 from privml.compiler.evaluate import Evaluator
 from privml.compiler.search import ChoiceResult, Search, SiteChoice
+from privml.config import CompileConfig
 from privml.errors import BudgetError, InvalidInput
+
+AGREEMENT_TARGET: float = CompileConfig.__dataclass_fields__["agreement_target"].default
 
 __all__ = [
     "Candidate", "ChoiceResult", "SiteChoice", "annotate_plan", "apply_choice", "candidates", "choose",
@@ -146,11 +155,13 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
            validation: tuple[torch.Tensor, torch.Tensor] | None = None, depth_budget: int | None = None,
            degree: int | None = None, margin: float = 0.1, percentile: Any = None, precision_bits: int = 20,
            poly_modulus_degree: int | None = None, refresh_depth: int | None = None,
-           max_degree: int = MAX_DIRECT_DEGREE, composites: bool = True) -> ChoiceResult:
+           max_degree: int = MAX_DIRECT_DEGREE, composites: bool = True, agreement_target: float | None = None,
+           reference: nn.Module | None = None) -> ChoiceResult:
     """Pick an approximation for every activation of ``gm`` (see the module docstring); ``gm`` is not modified.
 
     ``calibration`` (a batch of inputs) measures each activation's effect when no validation
-    data is given. ``percentile``: True for (0.1, 99.9), or (low, high) in percent.
+    data is given, and the agreement with ``reference`` (the user's original model, eval mode;
+    default: ``gm`` with exact activations). ``percentile``: True for (0.1, 99.9), or (low, high) in percent.
     ``refresh_depth`` (hybrid): most levels between two enclave refreshes.
     BudgetError when a target cannot be met, saying the best reached and what to change.
     """
@@ -160,9 +171,12 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
     sites = find_activations(gm, stats, margin, percentile=PERCENTILES if percentile is True else percentile,
                              backend=backend, every=backend == "mpc" and budget)
     mode = ("fixed_degree" if degree is not None else "accuracy_tolerance" if accuracy_tolerance is not None
-            else "max_error" if max_error is not None else "depth_budget" if depth_budget is not None else "default")
+            else "max_error" if max_error is not None else "depth_budget" if depth_budget is not None
+            else "agreement")
+    target = float(AGREEMENT_TARGET if agreement_target is None else _positive("agreement_target", agreement_target))
     targets = {k: v for k, v in (("max_error", max_error), ("accuracy_tolerance", accuracy_tolerance),
-                                 ("depth_budget", depth_budget), ("degree", degree)) if v is not None}
+                                 ("depth_budget", depth_budget), ("degree", degree),
+                                 ("agreement", target if mode == "agreement" else None)) if v is not None}
     result = ChoiceResult(backend, mode, [], targets=targets)
     if not sites:
         return result
@@ -180,11 +194,45 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
         raise BudgetError(f"privml: {what} need depth {search.depth()} but {cap_why} is {cap}: {hint}raise "
                           "depth_budget, use fewer activations, or use backend='hybrid' (enclave refreshes)")
 
-    ev = None  # the clear evaluation: needed by the accuracy and depth-budget searches, and to report accuracy
-    if mode in ("accuracy_tolerance", "depth_budget") or val is not None:
-        ev = Evaluator(gm, sites, val[0] if val is not None else calibration[:512], val[1] if val is not None else None)
-    if ev is not None and accuracy_tolerance is not None:
+    # the clear evaluation, against the original model: on the labelled data for the accuracy target (and for
+    # depth_budget when given), on the calibration inputs otherwise (agreement needs no labels)
+    on_val = val is not None and mode in ("accuracy_tolerance", "depth_budget")
+    ev = Evaluator(gm, sites, val[0] if on_val else calibration[:512], val[1] if on_val else None, reference)
+    labelled = Evaluator(gm, sites, val[0], val[1], reference) if val is not None and not on_val else None
+    if accuracy_tolerance is not None:
         search.meet_accuracy(ev, accuracy_tolerance)
-    elif ev is not None and mode == "depth_budget":
+    elif mode == "depth_budget":
         search.spend_depth(ev)
-    return search.finish(ev)
+    elif mode == "agreement" and not search.meet_agreement(ev, target):
+        result.warning = _fidelity_warning(search, ev, target, cap, cap_why)
+    result = search.finish(ev, labelled)
+    if mode != "agreement" and result.fidelity["agreement_exact"] < target:
+        result.warning = fixes_warning(result.fidelity["agreement_exact"], target)
+    return result
+
+
+_REMEDIES = ("fine-tune the compiled model with approximation-aware training (privml.train.finetune), give a budget "
+             "(accuracy_tolerance= with validation=(x, y), max_error= or depth_budget=) to trade depth for accuracy, "
+             "or use the hybrid backend (enclave refreshes: more depth) once it exists")
+
+
+def fixes_warning(agreement: float, target: float) -> str:
+    """The message when the model's fixes alone (MaxPool -> AvgPool) change the predictions."""
+    return (f"privml: the model's fixes alone (MaxPool -> AvgPool) change the predictions: with exact activations "
+            f"it agrees with the original model on {agreement:.1%} of the calibration samples (target "
+            f"{target:.0%}); retrain or fine-tune the model with average pooling (privml.train.finetune)")
+
+
+def _fidelity_warning(search: Search, ev: Evaluator, target: float, cap: int | None, cap_why: str) -> str:
+    """Why the agreement target is missed: the fixes, or the activations with the largest effect, and remedies."""
+    assignment = search.result.assignment
+    reached, exact = ev.agreement(assignment), ev.agreement({})
+    if exact < target:
+        return fixes_warning(exact, target)
+    effect = sorted(search.choices, key=lambda c: -ev.contribution(c.site.node.name, c.candidate))
+    blame = ", ".join(f"'{c.site.label}' ({c.site.kind} ~ {c.candidate.label()}, logit effect "
+                      f"{ev.contribution(c.site.node.name, c.candidate):.3g})" for c in effect[:3])
+    limit = f" within {cap_why} ({cap})" if cap is not None else ""
+    return (f"privml: the approximated model agrees with the original model's argmax on only {reached:.1%} of "
+            f"{ev.x.shape[0]} calibration samples (target {target:.0%}){limit}; most to blame: {blame}. "
+            f"Remedies: {_REMEDIES}")

@@ -50,11 +50,26 @@ class _Slot(nn.Module):
         return self.exact(x) if self.approx is None else self.approx(x)
 
 
+def agrees(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether ``logits`` predict what ``reference`` does: the argmax over dim 1 (at every position
+    beyond it), a tie in ``reference`` counting for any of its maxima; one output column is a binary logit (sign)."""
+    n = logits.shape[0]
+    if logits.dim() < 2 or logits.shape[1] < 2:
+        return ((logits > 0) == (reference > 0)).reshape(n, -1).all(dim=1)
+    top = reference.amax(dim=1, keepdim=True)
+    picked = reference.gather(1, logits.argmax(dim=1, keepdim=True))
+    return (picked >= top - 1e-6 * (1.0 + top.abs())).reshape(n, -1).all(dim=1)
+
+
 class Evaluator:
-    """A copy of the graph with switchable activations, run in clear on fixed data (results cached)."""
+    """A copy of the graph with switchable activations, run in clear on fixed data (results cached).
+
+    ``reference`` is the model the user passed in (before fixes such as MaxPool -> AvgPool): accuracy and
+    agreement are measured against it; without one, against ``gm`` with exact activations.
+    """
 
     def __init__(self, gm: fx.GraphModule, sites: list[ActivationSite], x: torch.Tensor,
-                 y: torch.Tensor | None) -> None:
+                 y: torch.Tensor | None, reference: nn.Module | None = None) -> None:
         self.work = copy.deepcopy(gm).eval()
         nodes = {n.name: n for n in self.work.graph.nodes}  # deepcopy keeps node names
         self.slots: dict[str, _Slot] = {}
@@ -68,6 +83,11 @@ class Evaluator:
         self._metric: dict[tuple, float] = {}
         self.sites = {s.node.name: s for s in sites}
         self.exact_logits = self.run({})
+        with torch.no_grad():
+            ref = self.exact_logits if reference is None else reference(x)
+        self.reference_logits = ref if isinstance(ref, torch.Tensor) and ref.shape == self.exact_logits.shape \
+            else self.exact_logits  # an output the graph changed (e.g. a client-side op) falls back to the graph's
+        self._agreement: dict[tuple, float] = {}
 
     def module(self, name: str, cand: Candidate) -> nn.Module:
         """The module computing ``cand`` at activation ``name`` (built once)."""
@@ -107,6 +127,19 @@ class Evaluator:
                 diff = (logits - self.exact_logits).abs()
                 self._metric[key] = float(diff.reshape(diff.shape[0], -1).max(dim=1).values.mean())
         return self._metric[key]
+
+    def agreement(self, assignment: dict[str, Candidate]) -> float:
+        """Fraction of samples whose prediction with ``assignment`` equals the reference model's (no labels)."""
+        key = tuple(sorted((n, c.kind, c.degrees, c.eps) for n, c in assignment.items()))
+        if key not in self._agreement:
+            self._agreement[key] = float(agrees(self.run(assignment), self.reference_logits).float().mean())
+        return self._agreement[key]
+
+    def reference_accuracy(self) -> float:
+        """Top-1 accuracy of the reference (the user's original model) on the validation labels."""
+        if self.y is None:
+            raise InvalidInput("privml: accuracy needs labels: pass validation=(x, y)")
+        return float((self.reference_logits.argmax(dim=1) == self.y).float().mean())
 
     def accuracy(self, assignment: dict[str, Candidate]) -> float:
         """Top-1 accuracy on the validation labels with ``assignment``'s activations approximated."""

@@ -49,6 +49,8 @@ class ChoiceResult:
     refresh_points: list[str] = field(default_factory=list)
     levels: dict[str, int] = field(default_factory=dict)  # hybrid: running level per node, refreshes included
     accuracy: dict[str, float] = field(default_factory=dict)
+    fidelity: dict[str, float] = field(default_factory=dict)  # agreement with the original model's argmax
+    warning: str | None = None  # why the fidelity target (agreement with the original) is missed, if it is
     steps: int = 0
     targets: dict[str, Any] = field(default_factory=dict)
 
@@ -168,8 +170,9 @@ class Search:
         """Raise until the accuracy drop is <= ``tolerance``, then trim back what is not needed.
 
         The starting indices (``max_error``'s choice, if given) are the floor. BudgetError when even
-        the most accurate candidates that fit miss the tolerance."""
-        base = ev.accuracy({})
+        the most accurate candidates that fit miss the tolerance. The baseline is the user's original model
+        (before fixes such as MaxPool -> AvgPool), so a lossy fix counts against the tolerance."""
+        base = ev.reference_accuracy()
 
         def met() -> bool:
             return base - ev.accuracy(self.result.assignment) <= float(tolerance)
@@ -179,20 +182,42 @@ class Search:
             if not self.raise_once(ev, within=False):
                 acc = ev.accuracy(self.result.assignment)
                 limit = f" within {self.cap_why} {self.cap}" if self.cap is not None else ""
+                exact = ev.accuracy({})
+                fixes = (f" (the model's fixes alone, e.g. MaxPool -> AvgPool, already give {exact:.4f})"
+                         if base - exact > float(tolerance) else "")
                 raise BudgetError(f"privml: the approximated model reaches accuracy {acc:.4f} against {base:.4f} for "
-                                  f"the original (drop {base - acc:.4f} > accuracy_tolerance {tolerance})"
+                                  f"the original (drop {base - acc:.4f} > accuracy_tolerance {tolerance}){fixes}"
                                   f" with the most accurate approximations available{limit}: raise "
                                   "accuracy_tolerance or depth_budget, recalibrate on tighter ranges (percentile=), "
                                   "fine-tune the compiled model (privml.train.finetune), or use backend='hybrid'")
         self.trim(ev, lambda: met() and all(c.index >= f for c, f in zip(self.choices, floor, strict=True)))
+
+    def meet_agreement(self, ev: Evaluator, target: float) -> bool:
+        """Raise until the argmax agrees with the original's on >= ``target`` of the samples, then trim back.
+
+        When no assignment that fits reaches the target, keep the cheapest one reaching the best agreement
+        seen (raising past it buys nothing). Returns whether the target is met."""
+        def agreement() -> float:
+            return ev.agreement(self.result.assignment)
+
+        best, best_at = agreement(), [c.index for c in self.choices]
+        while best < target and self.raise_once(ev, within=False):
+            if agreement() > best:
+                best, best_at = agreement(), [c.index for c in self.choices]
+        for c, i in zip(self.choices, best_at, strict=True):
+            c.index = i
+        goal = min(best, float(target))
+        self.trim(ev, lambda: agreement() >= goal)
+        return agreement() >= target
 
     def spend_depth(self, ev: Evaluator) -> None:
         """Raise (same-level raises first) while anything still fits the depth limit."""
         while self.raise_once(ev, within=True):
             pass
 
-    def finish(self, ev: Evaluator | None) -> ChoiceResult:
-        """Record the final costs (depth or rounds, refresh points) and, with ``ev``, effects and accuracy."""
+    def finish(self, ev: Evaluator | None, labelled: Evaluator | None = None) -> ChoiceResult:
+        """Record the final costs (depth or rounds, refresh points) and, with ``ev``, effects and agreement with
+        the original model; accuracy with labels (on ``labelled``, default ``ev``)."""
         result = self.result
         if self.backend == "mpc":
             result.mpc_rounds = graph_cost(self.gm, {c.site.node.name: c.candidate.rounds for c in self.choices},
@@ -205,9 +230,12 @@ class Search:
         if ev is not None:
             for c in self.choices:
                 c.contribution = ev.contribution(c.site.node.name, c.candidate)
-            if ev.y is not None:
-                base = ev.accuracy({})
-                acc = ev.accuracy(result.assignment)
-                result.accuracy = {"original": base, "approximated": acc, "drop": base - acc,
-                                   "samples": float(ev.x.shape[0])}
+            result.fidelity = {"agreement": ev.agreement(result.assignment), "agreement_exact": ev.agreement({}),
+                               "samples": float(ev.x.shape[0])}
+        labelled = labelled or ev
+        if labelled is not None and labelled.y is not None:
+            base = labelled.reference_accuracy()
+            acc = labelled.accuracy(result.assignment)
+            result.accuracy = {"original": base, "approximated": acc, "drop": base - acc,
+                               "samples": float(labelled.x.shape[0])}
         return result
