@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 
 from privml.compiler.api import CompiledModel
 from privml.report import EvalReport, environment
-from privml.session import Session
+from privml.session import RangeWarning, Session
 
 
 def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -19,9 +20,10 @@ def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tenso
     """Run ``compiled`` privately on ``x`` batch by batch and compare with ``reference`` in clear.
 
     The clear accuracy is the *original* model's (before any approximation), so the report shows
-    the full cost of going private.
+    the full cost of going private. Samples whose inputs or outputs leave their calibrated ranges are
+    evaluated anyway and listed in the report (``out_of_range_inputs``/``_outputs``), with one warning.
     """
-    session = session or Session(compiled.plan, **session_options)
+    session = session or Session(compiled.plan, **{"out_of_range": "warn", **session_options})
     reference = reference.eval()
     with torch.no_grad():
         clear_logits = reference(x)
@@ -29,10 +31,20 @@ def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tenso
     outputs = []
     start = time.perf_counter()
     batches = range(0, x.shape[0], batch_size)
-    for i in tqdm(batches, desc=f"private eval [{compiled.plan.backend}]", disable=not progress, unit="batch"):
-        xb = x[i:i + batch_size]
-        outputs.append(session.decrypt(compiled(session.encrypt(xb))))
+    flagged_in: list[int] = []
+    flagged_out: list[int] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)  # summarised once below
+        for i in tqdm(batches, desc=f"private eval [{compiled.plan.backend}]", disable=not progress, unit="batch"):
+            enc = session.encrypt(x[i:i + batch_size])
+            flagged_in += [i + j for j in session.last_out_of_range]
+            outputs.append(session.decrypt(compiled(enc)))
+            flagged_out += [i + j for j in session.last_out_of_range]
     seconds = time.perf_counter() - start
+    if flagged_in or flagged_out:
+        warnings.warn(f"privml: {len(flagged_in)} sample(s) had inputs and {len(flagged_out)} outputs outside their "
+                      "calibrated ranges; their private results may be wrong (listed in the report).", RangeWarning,
+                      stacklevel=2)
     private_logits = torch.cat(outputs).to(clear_logits.dtype)
     clear_pred, private_pred = clear_logits.argmax(1), private_logits.argmax(1)
     backend = session.backend
@@ -46,6 +58,8 @@ def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tenso
         max_abs_logit_error=float((clear_logits - private_logits).abs().max()),
         encryption_error=float((approx_logits - private_logits).abs().max()),
         approximation_error=float((approx_logits - clear_logits).abs().max()),
+        out_of_range_inputs=flagged_in,
+        out_of_range_outputs=flagged_out,
         seconds_total=seconds,
         seconds_per_sample=seconds / max(1, x.shape[0]),
         options={"batch_size": batch_size, **{k: str(v) for k, v in session_options.items()},

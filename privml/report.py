@@ -27,6 +27,8 @@ class EvalReport:
     seconds_per_sample: float
     encryption_error: float = 0.0
     approximation_error: float = 0.0
+    out_of_range_inputs: list[int] = field(default_factory=list)  # samples whose inputs left the calibrated range
+    out_of_range_outputs: list[int] = field(default_factory=list)  # samples whose decrypted outputs did
     options: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, Any] = field(default_factory=dict)
     trust: list[str] = field(default_factory=list)
@@ -49,6 +51,8 @@ class EvalReport:
             f"| max abs logit error vs original model | {self.max_abs_logit_error:.3g} |",
             f"| of which approximation (clear approximated vs original) | {self.approximation_error:.3g} |",
             f"| of which encryption (private vs clear approximated) | {self.encryption_error:.3g} |",
+            f"| samples with inputs outside the calibrated range | {_indices(self.out_of_range_inputs)} |",
+            f"| samples with outputs outside the calibrated range | {_indices(self.out_of_range_outputs)} |",
             f"| time per sample | {1000 * self.seconds_per_sample:.2f} ms |",
             f"| total time | {self.seconds_total:.2f} s |",
         ]
@@ -72,7 +76,9 @@ class EvalReport:
         return (f"{self.model} [{self.backend}{layout}]: clear acc {100 * self.clear_accuracy:.2f}% | "
                 f"private acc {100 * self.private_accuracy:.2f}% | "
                 f"agreement {100 * self.agreement:.2f}% | max |logit err| {self.max_abs_logit_error:.2g} | "
-                f"{1000 * self.seconds_per_sample:.2f} ms/sample ({self.samples} samples, {self.seconds_total:.1f} s)")
+                f"{1000 * self.seconds_per_sample:.2f} ms/sample ({self.samples} samples, {self.seconds_total:.1f} s)"
+                + (f" | out of range: {len(self.out_of_range_inputs)} inputs, {len(self.out_of_range_outputs)} outputs"
+                   if self.out_of_range_inputs or self.out_of_range_outputs else ""))
 
     def write(self, directory: str | Path, stem: str | None = None) -> tuple[Path, Path]:
         """Write ``<stem>.json`` and ``<stem>.md`` into ``directory``; returns both paths."""
@@ -96,3 +102,11 @@ def environment() -> dict[str, Any]:
     """Where the numbers were measured."""
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _indices(items: list[int], most: int = 20) -> str:
+    """'none', or the count and the first sample indices."""
+    if not items:
+        return "none"
+    shown = ", ".join(map(str, items[:most])) + (", ..." if len(items) > most else "")
+    return f"{len(items)} ({shown})"

@@ -111,6 +111,8 @@ class Session:
         ``RangeWarning``, and they are encrypted anyway).
         """
         check_input(x, self.plan.input_shape)
+        if x.shape[0] == 0:
+            raise InvalidInput("privml: cannot encrypt an empty batch (0 samples)")
         x = x.detach()
         rng = self.plan.params.get("input_range")
         self.last_out_of_range = []

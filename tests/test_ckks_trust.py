@@ -256,6 +256,8 @@ def test_empty_batch_is_refused(latency) -> None:
     for empty in (torch.empty(0, 6), torch.empty(2, 0)):
         with pytest.raises(InvalidInput, match="empty batch"):
             session.backend.encrypt(empty)
+    with pytest.raises(InvalidInput, match="empty batch"):  # and through the public API
+        session.encrypt(torch.empty(0, 6))
 
 
 def test_forged_throughput_response_with_more_rows_is_refused() -> None:
