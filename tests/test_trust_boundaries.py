@@ -173,9 +173,9 @@ def test_real_plans_round_trip(ckks_plan) -> None:
 
 # ---- 3. ranges per sample ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1.5, 2.0])
-def test_inputs_outside_calibration_are_flagged_per_sample(digits_mlp, scale) -> None:
+def test_inputs_outside_calibration_are_flagged_per_sample(digits_mlp, ckks_plan, scale) -> None:
     model, xtr, xte, _ = digits_mlp
-    compiled = privml.compile(model, xtr, backend="plain")
+    compiled = ckks_plan
     session = privml.Session(compiled.plan)
     x = xte[:12].clone()
     scaled = [1, 4, 9]
@@ -196,6 +196,13 @@ def test_inputs_outside_calibration_are_flagged_per_sample(digits_mlp, scale) ->
     with pytest.warns(RangeWarning, match="3 of 12 samples"):
         warn.encrypt(x)
     assert warn.last_out_of_range == scaled
+
+
+def test_exact_plans_do_not_restrict_inputs(digits_mlp) -> None:
+    """Plain/MPC plans with nothing approximated compute exactly whatever the input: no input range to check."""
+    model, xtr, xte, _ = digits_mlp
+    for backend in ("plain", "mpc"):
+        assert "input_range" not in privml.compile(model, xtr, backend=backend).plan.params
 
 
 def test_ckks_at_scaled_inputs_is_never_silently_wrong(digits_mlp, ckks_plan) -> None:

@@ -110,7 +110,9 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
         applied += fixes
         stats = calibrate(gm, batches, input_shape)
     plan = build_plan(gm, stats, backend, input_shape, fixes=applied, options=cfg.to_dict())
-    plan.params["input_range"] = input_range(batches, cfg.margin)
+    if backend == "ckks" or any(type(m).__module__.startswith("privml.nn") for m in gm.modules()):
+        # where results depend on inputs staying in range (fitted polynomials, CKKS headroom), the client checks
+        plan.params["input_range"] = input_range(batches, cfg.margin)
     if client_ops:
         plan.params["client_ops"] = client_ops
     if choice is not None:
