@@ -77,12 +77,20 @@ class AttestationError(PrivmlError):
     """An enclave's attestation could not be verified."""
 
 
+class DecryptionBudgetExhausted(BudgetError):
+    """An enclave refused to decrypt: the key's decryption budget is spent (or its rate limit hit)."""
+
+
 class PartyFailure(PrivmlError):
     """An MPC party died, stopped answering, or disagreed about the computation."""
 
 
 class MalformedInput(PrivmlError, ValueError):
     """Serialized bytes are truncated, tampered with, or of an unknown version."""
+
+
+class AuditLogError(MalformedInput):
+    """An enclave audit log fails verification: an entry was edited, dropped, reordered or forged."""
 
 
 class BackendUnavailable(PrivmlError, ImportError):
