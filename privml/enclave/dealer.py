@@ -4,7 +4,7 @@ Runs inside the enclave process (layer 2: numpy, torch, the standard library, ``
 enclave's own ``PolicyRefused``, whose wire code is "policy").
 Two handlers, called by the enclave server with its ``state`` and the request body (CBOR-decoded):
 
-``handle_deal_open(state, body)``
+``handle_deal_open(state, body)`` (the server calls ``handle_deal_open(enclave, connection, body)``)
     ``{"world_size": int, "party_keys"?: [bytes32, ...], "max_outstanding"?: int}`` opens a dealing session
     for ``world_size`` parties and returns ``{"deal_session": bytes16, "world_size", "max_outstanding"}``.
     ``party_keys`` are sha256 digests of secrets only party i holds (the launcher hands each party its own
@@ -358,8 +358,6 @@ class Dealer:
         return session
 
     def deal(self, state: Any, body: dict) -> dict:
-        if not isinstance(body, dict):
-            raise MalformedDeal("deal: the body must be a map")
         session = self._session(body)
         party = _int(body.get("party"), "party", 0, session.world_size - 1)
         n = _int(body.get("request"), "request")
@@ -471,13 +469,22 @@ def dealer_of(state: Any) -> Dealer:
     return dealer
 
 
-def handle_deal_open(state: Any, body: dict) -> dict:
-    """Open a dealing session (see the module docstring)."""
+def _body(args: tuple) -> Any:
+    """The request body: handlers are called as ``(state, body)`` or as the server does, ``(state, conn, body)``."""
+    if len(args) not in (1, 2):
+        raise TypeError(f"a deal handler takes (state, body) or (state, connection, body), got {len(args) + 1} "
+                        "arguments")
+    body = args[-1]
     if not isinstance(body, dict):
-        raise MalformedDeal("deal_open: the body must be a map")
-    return dealer_of(state).open(body)
+        raise MalformedDeal("deal: the body must be a map")
+    return body
 
 
-def handle_deal(state: Any, body: dict) -> dict:
-    """Deal one party its shares of its next correlated value (see the module docstring)."""
-    return dealer_of(state).deal(state, body)
+def handle_deal_open(state: Any, *args: Any) -> dict:
+    """Open a dealing session (see the module docstring); ``handle_deal_open(state[, conn], body)``."""
+    return dealer_of(state).open(_body(args))
+
+
+def handle_deal(state: Any, *args: Any) -> dict:
+    """Deal one party its shares of its next correlated value; ``handle_deal(state[, conn], body)``."""
+    return dealer_of(state).deal(state, _body(args))

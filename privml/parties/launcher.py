@@ -14,8 +14,11 @@ process exits so a dead party is noticed at once.
 
 Triple provider: CrypTen's default "TFP" (trusted first party) lets party 0 generate every
 Beaver triple itself: cheap (no offline traffic) but party 0 could cheat, so it is not a
-secure deployment. "TTP" (``ttp=True``) runs a separate dealer process. The choice is
-recorded in ``PartyContext.provider`` and ``RunResult.provider`` so reports can state it.
+secure deployment. "TTP" (``ttp=True``) runs a separate dealer process. "ENCLAVE"
+(``dealer=EnclaveDealer(...)``, :mod:`privml.parties.dealer`) takes them from the attested enclave:
+the launcher opens a dealing session before the parties start and each party verifies the enclave's
+attestation before it uses a triple. The choice is recorded in ``PartyContext.provider`` and
+``RunResult.provider`` so reports can state it.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class PartyContext:
     roles: list[str]
     logger: logging.Logger
     timeout: float
-    provider: str  # "TFP" (party 0 deals triples) or "TTP" (separate dealer process)
+    provider: str  # "TFP" (party 0 deals triples), "TTP" (separate dealer process) or "ENCLAVE" (attested enclave)
 
     @property
     def role(self) -> str:
@@ -175,14 +178,16 @@ def _party_logger(role: str, rank: int, level: int, own_handler: bool) -> loggin
 
 
 def _run_party(fn: Callable[..., Any], args: tuple, *, rank: int, world_size: int, roles: list[str],
-               timeout: float, ttp: bool, env: dict[str, str], log_level: int, spawned: bool) -> Any:
+               timeout: float, ttp: bool, env: dict[str, str], log_level: int, spawned: bool,
+               enclave: dict | None = None) -> Any:
     """Initialise gloo + CrypTen for one party in this process, run ``fn``, shut down.
 
     Rank ``world_size`` with ``ttp=True`` is CrypTen's dealer: it serves triples until party
-    0 tells it to stop and returns None.
+    0 tells it to stop and returns None. ``enclave`` (keyword arguments of
+    :func:`privml.parties.dealer.install_enclave_provider`): take triples from the attested enclave.
     """
     crypten = import_crypten()
-    provider = "TTP" if ttp else "TFP"
+    provider = "TTP" if ttp else "ENCLAVE" if enclave is not None else "TFP"
     is_dealer = ttp and rank == world_size
     if is_dealer:
         # The dealer idles between triple requests (e.g. while parties do local work), so
@@ -191,7 +196,7 @@ def _run_party(fn: Callable[..., Any], args: tuple, *, rank: int, world_size: in
     role = TTP_ROLE if is_dealer else roles[rank]
     env = {**env, "DISTRIBUTED_BACKEND": "gloo", "WORLD_SIZE": str(world_size), "RANK": str(rank)}
     saved_provider = crypten.cfg.mpc.provider
-    crypten.cfg.mpc.provider = provider
+    crypten.cfg.mpc.provider = "TTP" if ttp else "TFP"  # "ENCLAVE" is installed after crypten.init()
     try:
         with _party_env(env), _dist_timeout(timeout):
             if is_dealer:
@@ -200,6 +205,10 @@ def _run_party(fn: Callable[..., Any], args: tuple, *, rank: int, world_size: in
                 return None
             crypten.init(party_name=role)
         try:
+            if enclave is not None:
+                from privml.parties.dealer import install_enclave_provider
+
+                install_enclave_provider(**enclave, rank=rank)  # attestation checked before any triple
             logger = _party_logger(role, rank, log_level, spawned)
             ctx = PartyContext(rank=rank, world_size=world_size, roles=list(roles), logger=logger,
                                timeout=timeout, provider=provider)
@@ -217,6 +226,11 @@ def _run_party(fn: Callable[..., Any], args: tuple, *, rank: int, world_size: in
         crypten.uninit()
         return result
     finally:
+        if enclave is not None:
+            from privml.parties.dealer import uninstall_enclave_provider
+
+            with contextlib.suppress(Exception):
+                uninstall_enclave_provider()
         crypten.cfg.mpc.provider = saved_provider
 
 
@@ -236,12 +250,12 @@ def _die_with_parent() -> None:
 
 def _child_main(conn: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple,
                 rank: int, world_size: int, roles: list[str], timeout: float, ttp: bool,
-                env: dict[str, str], log_level: int) -> None:
+                env: dict[str, str], log_level: int, enclave: dict | None = None) -> None:
     """Entry point of a spawned party: run it and send ("ok", result) or ("error", info)."""
     _die_with_parent()
     try:
         result = _run_party(fn, args, rank=rank, world_size=world_size, roles=roles, timeout=timeout,
-                            ttp=ttp, env=env, log_level=log_level, spawned=True)
+                            ttp=ttp, env=env, log_level=log_level, spawned=True, enclave=enclave)
         # Plain pickle (not multiprocessing's, which passes torch tensors as shared-memory
         # handles that die with this process); an unpicklable result lands in `except`.
         conn.send_bytes(pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL))
@@ -350,7 +364,8 @@ def _failure_error(failures: dict[int, dict], silent: list[int], names: list[str
 
 def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, timeout: float = 120.0,
                 roles: list[str] | None = None, ttp: bool = False,
-                log_level: int = logging.WARNING, rank_args: list[tuple] | None = None) -> RunResult:
+                log_level: int = logging.WARNING, rank_args: list[tuple] | None = None,
+                dealer: Any = None) -> RunResult:
     """Run ``fn(ctx, *args)`` in ``world_size`` real party processes and return their results.
 
     ``rank_args`` (one tuple per party) gives each party extra private arguments, appended to
@@ -362,6 +377,11 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     ``provider`` says who dealt the Beaver triples. ``timeout`` (seconds) bounds every wait
     on another party. Raises :class:`PartyFailure` naming the party that raised, died or
     stopped answering; all party processes are gone when this returns or raises.
+
+    ``dealer`` (a :class:`privml.parties.dealer.EnclaveDealer`): the attested enclave deals the
+    triples (provider "ENCLAVE"); this process verifies its attestation and opens a dealing session
+    before any party starts (AttestationError / PartyFailure if the enclave is not the expected one or
+    is unreachable), and every party verifies it again before using a triple.
     """
     names = _check_common(world_size, timeout, roles)
     if not callable(fn):
@@ -369,6 +389,14 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     _check_crypten_installed()
     if rank_args is not None and (len(rank_args) != world_size or not all(isinstance(a, tuple) for a in rank_args)):
         raise InvalidInput(f"rank_args must be {world_size} tuples (one per party), got {rank_args!r:.200}")
+    deal = None
+    if dealer is not None:
+        if ttp:
+            raise InvalidInput("choose one dealer of Beaver triples: ttp=True (CrypTen's dealer process) or "
+                               "dealer=EnclaveDealer(...) (the attested enclave), not both")
+        from privml.parties.dealer import EnclaveDealer
+
+        deal = EnclaveDealer.coerce(dealer).open_session(world_size, timeout=float(timeout))
     n_procs = world_size + (1 if ttp else 0)
     all_names = names + ([TTP_ROLE] if ttp else [])
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RENDEZVOUS": "env://"}
@@ -381,7 +409,8 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
             own = tuple(rank_args[rank]) if rank_args is not None and rank < world_size else ()
             proc = mp.Process(target=_child_main, name=f"privml-{all_names[rank]}",
                               args=(send_end, fn, tuple(args) + own, rank, world_size, names, float(timeout),
-                                    ttp, env, log_level))
+                                    ttp, env, log_level,
+                                    deal.for_party(rank, float(timeout)) if deal is not None else None))
             try:
                 proc.start()
             except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -400,7 +429,8 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
         for conn in conns:
             conn.close()
     seconds = time.perf_counter() - start
-    return RunResult([results[r] for r in range(world_size)], provider="TTP" if ttp else "TFP",
+    provider = "TTP" if ttp else "ENCLAVE" if deal is not None else "TFP"
+    return RunResult([results[r] for r in range(world_size)], provider=provider,
                      world_size=world_size, roles=names, seconds=seconds)
 
 
@@ -488,7 +518,8 @@ def _env_int(name: str, value: int | None) -> int:
 def join_party(fn: Callable[..., Any], args: tuple = (), *, rank: int | None = None,
                world_size: int | None = None, master_addr: str | None = None,
                master_port: int | None = None, timeout: float = 120.0, roles: list[str] | None = None,
-               ttp: bool = False, log_level: int = logging.WARNING) -> Any:
+               ttp: bool = False, log_level: int = logging.WARNING, dealer: Any = None,
+               deal_session: bytes | None = None) -> Any:
     """Be one party of a multi-machine run: initialise gloo + CrypTen here and run ``fn(ctx, *args)``.
 
     Arguments left as None come from ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
@@ -496,7 +527,9 @@ def join_party(fn: Callable[..., Any], args: tuple = (), *, rank: int | None = N
     (e.g. ``tcp://10.0.0.1:29500``). With ``ttp=True`` the process of rank ``world_size``
     is the dealer: it serves triples (waiting up to a day between requests) and returns None.
     Network failures raise :class:`PartyFailure`; errors raised by ``fn`` itself propagate
-    unchanged.
+    unchanged. ``dealer`` (an :class:`~privml.parties.dealer.EnclaveDealer`) with ``deal_session``
+    (from ``dealer.open_session(world_size).deal_session``, opened once for all parties): the attested
+    enclave deals the triples; this party verifies it first and binds its slot with a fresh secret.
     """
     rank = _env_int("RANK", rank)
     world_size = _env_int("WORLD_SIZE", world_size)
@@ -514,9 +547,21 @@ def join_party(fn: Callable[..., Any], args: tuple = (), *, rank: int | None = N
         raise InvalidInput("no rendezvous: give master_addr and master_port (or MASTER_ADDR/MASTER_PORT), "
                            "or set RENDEZVOUS to an init-method URL such as tcp://host:port")
     _check_crypten_installed()
+    enclave = None
+    if dealer is not None:
+        if ttp or not isinstance(deal_session, bytes):
+            raise InvalidInput("dealer=... needs deal_session (the bytes of dealer.open_session(world_size)) "
+                               "and cannot be combined with ttp=True")
+        from privml.parties.dealer import EnclaveDealer
+
+        d = EnclaveDealer.coerce(dealer)
+        enclave = {"address": d.address, "deal_session": deal_session, "root_certificate": d.root_certificate,
+                   "expected_pcrs": d.expected_pcrs, "allowed_regions": d.allowed_regions,
+                   "timeout": d.timeout or float(timeout)}
     try:
         return _run_party(fn, tuple(args), rank=rank, world_size=world_size, roles=names,
-                          timeout=float(timeout), ttp=ttp, env=env, log_level=log_level, spawned=False)
+                          timeout=float(timeout), ttp=ttp, env=env, log_level=log_level, spawned=False,
+                          enclave=enclave)
     except PartyFailure:
         raise
     except Exception as exc:
