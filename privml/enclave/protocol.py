@@ -11,6 +11,7 @@ no duplicate keys, no indefinite lengths and a bounded nesting depth; anything e
 from __future__ import annotations
 
 import math
+import re
 import socket
 import struct
 from collections.abc import Mapping
@@ -49,6 +50,9 @@ ERROR_CODES: dict[str, type[PrivmlError]] = {
 }
 
 
+_CODE_RE = re.compile(r"^[a-z_]{1,32}$")
+
+
 def error_class(code: str) -> type[PrivmlError]:
     """The privml error a client raises for an error response with ``code``."""
     return ERROR_CODES.get(code, PrivmlError)
@@ -56,9 +60,12 @@ def error_class(code: str) -> type[PrivmlError]:
 
 def error_code(exc: BaseException) -> str:
     """The wire code for an exception raised inside the enclave."""
-    code = getattr(exc, "wire_code", None)  # e.g. policy.PolicyRefused -> "policy"
-    if isinstance(code, str) and code in ERROR_CODES:
-        return code
+    if isinstance(exc, PrivmlError):
+        # an instance's own ``code`` (the dealer's errors: "policy", "busy", "malformed"), else the class's
+        # ``wire_code`` (policy.PolicyRefused -> "policy")
+        for code in (getattr(exc, "code", None), getattr(exc, "wire_code", None)):
+            if isinstance(code, str) and _CODE_RE.match(code):
+                return code
     if isinstance(exc, DecryptionBudgetExhausted):
         return "budget"
     if isinstance(exc, MalformedInput):
