@@ -238,6 +238,42 @@ class MPCConfig(CompileConfig):
         return self.has_budget
 
 
+@dataclass(frozen=True)
+class HybridConfig(CompileConfig):
+    """``privml.compile(..., backend="hybrid")``: CKKS on the server, an attested enclave refreshing ciphertexts.
+
+    The enclave holds the secret key and refreshes ciphertexts that ran out of levels (decrypt, flood, re-encrypt
+    at the top level) instead of bootstrapping; with ``enclave_activations`` it also applies ReLU exactly to
+    positively masked values during a refresh. The planner picks the ring (N = 8192 or 16384), the scale and
+    the levels between refreshes under the flooding cost (:mod:`privml.he.noise`).
+    """
+
+    backend: ClassVar[str] = "hybrid"
+
+    layout: str = option("latency", "packing: latency (one sample per ciphertext) or throughput (one per slot)",
+                         choices=("latency", "throughput"))
+    poly_modulus_degree: int | None = option(None, "ring dimension N (default: the cheapest of 8192 and 16384 "
+                                             "that keeps the flooded precision)", choices=(8192, 16384, None))
+    enclave_activations: bool = option(True, "ReLU evaluated exactly by the enclave on positively masked values "
+                                       "(it learns each value's sign); False: polynomial ReLU, pure refreshes",
+                                       choose=True)
+    refresh_depth: int | None = option(None, "levels between two refreshes (default: chosen by the planner)",
+                                       min=1, choose=True)
+    decryption_budget: int = option(256, "ciphertexts the enclave may decrypt per key (alpha of the "
+                                    "flooding bound; the enclave refuses more)", min=1)
+    flood_security_bits: int = option(30, "statistical security s of the noise flooding (>= 30)", min=30)
+    mask_bits: int = option(20, "additive blinding of a pure refresh: masks 2^mask_bits x the value bound "
+                            "(statistical distance 2^-mask_bits)", min=1, max=40)
+    relu_mask_bits: int = option(2, "exact ReLU: positive per-slot masks in [1, 2^relu_mask_bits] (hide each "
+                                 "value's magnitude within that factor; flooding grows with it)", min=0, max=16)
+    max_output_error: float | None = option(None, "largest predicted output error (6 sigma of the flooding) the "
+                                            "plan may have (default: 1% of the calibrated output range)", min=0)
+
+    @property
+    def approximates(self) -> bool:
+        return not self.enclave_activations
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # session configs
 
@@ -288,6 +324,12 @@ class MPCSessionConfig(SessionConfig):
                                       min=0)
     timeout: float = option(120.0, "seconds to wait on another party before PartyFailure", min=0)
     ttp: bool = option(False, "Beaver triples from a separate dealer process instead of party 0 (TFP)")
+    dealer: str = option("tfp", "who deals Beaver triples: tfp (party 0; not secure), ttp (a separate unattested "
+                         "process; same as ttp=True), enclave (the attested enclave given as enclave=...)",
+                         choices=("tfp", "ttp", "enclave"))
+    enclave: Any = option(None, "dealer='enclave': the enclave, a privml.parties.EnclaveDealer(address, "
+                          "root_certificate, expected_pcrs) or a launched privml.enclave.EnclaveProcess", cli=False,
+                          compare=False)
     range_margin: float = option(2.0, "headroom factor when checking calibrated ranges against fixed point", min=0)
 
     def __post_init__(self) -> None:
@@ -296,15 +338,35 @@ class MPCSessionConfig(SessionConfig):
             rank = getattr(self, name)
             if rank is not None and rank >= self.parties:
                 raise InvalidInput(f"privml: {name} must be a party rank in 0..{self.parties - 1}, got {rank!r}")
+        if self.ttp and self.dealer == "enclave":
+            raise InvalidInput("privml: ttp=True and dealer='enclave' conflict: choose one dealer of Beaver triples")
+        if (self.dealer == "enclave") != (self.enclave is not None):
+            raise InvalidInput("privml: dealer='enclave' needs enclave=... (the enclave to take Beaver triples from), "
+                               "and enclave=... needs dealer='enclave'")
+
+
+@dataclass(frozen=True)
+class HybridSessionConfig(SessionConfig):
+    backend: ClassVar[str] = "hybrid"
+    session_only: ClassVar[tuple[str, ...]] = ()
+
+    enclave: Any = option(None, "the enclave: an EnclaveProcess, a socket path, or None to launch a simulated "
+                          "one for this session", cli=False)
+    allowed_regions: tuple[str, ...] | None = option(("eu-central-1",), "regions the enclave may run in "
+                                                     "(checked in its attestation); None: any")
+    rate_limit: float = option(1e6, "ciphertexts per second the enclave may decrypt for this key", min=0)
+    timeout: float = option(60.0, "seconds to wait for the enclave before PartyFailure", min=0)
+    release: bool = option(False, "flood the client's own decryptions too (outputs shown to others)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the backends: the one declaration
 
 
-CONFIGS: dict[str, type[CompileConfig]] = {cls.backend: cls for cls in (PlainConfig, CKKSConfig, MPCConfig)}
+CONFIGS: dict[str, type[CompileConfig]] = {cls.backend: cls for cls in (PlainConfig, CKKSConfig, MPCConfig,
+                                                                         HybridConfig)}
 SESSION_CONFIGS: dict[str, type[SessionConfig]] = {
-    cls.backend: cls for cls in (PlainSessionConfig, CKKSSessionConfig, MPCSessionConfig)}
+    cls.backend: cls for cls in (PlainSessionConfig, CKKSSessionConfig, MPCSessionConfig, HybridSessionConfig)}
 BACKENDS: tuple[str, ...] = tuple(CONFIGS)
 
 

@@ -46,8 +46,11 @@ T = torch.Tensor
 KINDS = ("linear", "elementwise", "activation", "norm", "pool", "shape", "reduction", "identity", "output",
          "metadata")
 SUPPORT = ("exact", "identity", "approx", "client")
-BACKENDS = ("plain", "ckks", "mpc")
+BACKENDS = ("plain", "ckks", "mpc", "hybrid")
 """Backends the registry describes (``privml.config`` declares which backends exist; each must appear here)."""
+HE_BACKENDS = ("ckks", "hybrid")
+"""Backends computing on CKKS ciphertexts: ``hybrid`` runs every op as ``ckks`` does unless a spec says otherwise
+(ReLU: exact, by the enclave on masked values)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class OpSpec:
 
     def how(self, backend: str) -> str | None:
         """'exact', 'identity', 'approx', 'client', or None when ``backend`` cannot compute this op."""
+        if backend == "hybrid" and backend not in self.support and backend not in self.refusals:
+            backend = "ckks"  # hybrid = CKKS ciphertexts plus enclave refreshes
         return self.support.get(backend)
 
     def needs_handler(self, backend: str) -> bool:
@@ -92,6 +97,8 @@ class OpSpec:
         """Why ``backend`` does not run this op here (for error messages)."""
         if backend in self.refusals:
             return self.refusals[backend]
+        if backend == "hybrid" and "hybrid" not in self.support and "ckks" in self.refusals:
+            return self.refusals["ckks"]
         if self.how(backend) == "approx":
             return (f"the {backend} backend has no exact protocol for {self.name}: compile the model with "
                     f"privml.compile(..., backend={backend!r}), which replaces it by a polynomial fitted on its "
@@ -121,13 +128,13 @@ def _check_pow(args: tuple, kwargs: dict, private: Private, backend: str) -> str
     e = _arg(args, kwargs, 1, "exponent")
     if private(e) or not (isinstance(e, int) or (isinstance(e, float) and float(e).is_integer())) or e < 0:
         return f"only non-negative integer powers are polynomial (got exponent {e!r})."
-    if backend == "ckks" and e < 1:
+    if backend in HE_BACKENDS and e < 1:
         return "CKKS needs a positive integer exponent."
     return None
 
 
 def _check_matmul(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
-    if backend == "ckks" and (len(args) < 2 or private(args[1]) or not private(args[0])):
+    if backend in HE_BACKENDS and (len(args) < 2 or private(args[1]) or not private(args[0])):
         return "CKKS supports only (encrypted batch) @ (plain matrix): the batch must stay the first dimension."
     return None
 
@@ -160,7 +167,7 @@ def _check_metadata(args: tuple, kwargs: dict, private: Private, backend: str) -
 
 
 def _check_reduction(args: tuple, kwargs: dict, private: Private, backend: str) -> str | None:
-    if backend == "ckks" and _arg(args, kwargs, 1, "dim") is None:
+    if backend in HE_BACKENDS and _arg(args, kwargs, 1, "dim") is None:
         return "CKKS reductions must keep the batch dimension: pass dim= (e.g. x.sum(dim=1))."
     return None
 
@@ -189,9 +196,10 @@ _POLY_ON_CKKS = "CKKS evaluates only polynomials: privml.compile replaces this a
 _CKKS_SHAPE = "this shape op is not available on CKKS yet (flatten/reshape/view are)."
 
 
-def _activation(name: str, functions: tuple, methods: tuple = (), modules: tuple = (), mpc: str = "exact") -> OpSpec:
-    return OpSpec(name, "activation", functions, methods, modules, {"plain": "exact", "ckks": "approx", "mpc": mpc},
-                  depth=None)
+def _activation(name: str, functions: tuple, methods: tuple = (), modules: tuple = (), mpc: str = "exact",
+                hybrid: str = "approx") -> OpSpec:
+    return OpSpec(name, "activation", functions, methods, modules,
+                  {"plain": "exact", "ckks": "approx", "mpc": mpc, "hybrid": hybrid}, depth=None)
 
 
 _SPECS: tuple[OpSpec, ...] = (
@@ -251,7 +259,8 @@ _SPECS: tuple[OpSpec, ...] = (
     OpSpec("layer_norm", "norm", (F.layer_norm,), (), (nn.LayerNorm,),
            {"plain": "exact", "mpc": "exact", "ckks": "approx"}, depth=None),
     # ---- activations (CKKS: always a polynomial; MPC: exact where CrypTen has a protocol, else a polynomial)
-    _activation("relu", (F.relu, torch.relu, T.relu, F.relu_, torch.relu_, T.relu_), ("relu", "relu_"), (nn.ReLU,)),
+    _activation("relu", (F.relu, torch.relu, T.relu, F.relu_, torch.relu_, T.relu_), ("relu", "relu_"), (nn.ReLU,),
+                hybrid="exact"),  # hybrid: the enclave applies it to positively masked values during a refresh
     _activation("leaky_relu", (F.leaky_relu, F.leaky_relu_), (), (nn.LeakyReLU,)),
     _activation("hardtanh", (F.hardtanh, F.hardtanh_, F.relu6), (), (nn.Hardtanh,)),
     _activation("hardswish", (F.hardswish,), (), (nn.Hardswish,)),

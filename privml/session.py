@@ -64,7 +64,7 @@ class Session:
         self.config = session_config(plan.backend, config, **options)
         plan.check()
         self.security_bits: int | None = None
-        if plan.backend == "ckks":
+        if plan.backend in ("ckks", "hybrid"):
             plan = self._secure_ckks_plan(plan)
         self.plan = plan
         self.range_slack = self.config.range_slack
@@ -95,10 +95,12 @@ class Session:
                    "configuration can allow it" if asked else "")
                 + ". Recompile, or for experiments only pass allow_insecure=True to privml.Session.")
         lo, hi = plan.params["output_range"]
-        if max(abs(lo), abs(hi)) > params.max_value:
+        floor = int(plan.params.get("hybrid", {}).get("floor", 0)) if plan.backend == "hybrid" else 0
+        max_value = 2.0 ** (sum(params.coeff_mod_bit_sizes[:floor + 1]) - params.scale_bits - 1)
+        if max(abs(lo), abs(hi)) > max_value:
             raise MalformedInput(
                 f"privml: the plan's output range [{lo:.4g}, {hi:.4g}] exceeds what its CKKS parameters can decode "
-                f"(|value| <= {params.max_value:.4g}): wrapped-around results would pass the decrypt check. "
+                f"(|value| <= {max_value:.4g}): wrapped-around results would pass the decrypt check. "
                 "Recompile the model; a session does not accept such a plan.")
         ck["allow_insecure"] = allowed and self.security_bits < MIN_SECURITY_BITS
         return dataclasses.replace(plan, params={**plan.params, "ckks": ck, "security_bits": self.security_bits})
@@ -123,8 +125,23 @@ class Session:
                        "calibration data covering these inputs, or encrypt only `err.values`.")
         return self.backend.encrypt(x)
 
-    def decrypt(self, t: PrivateTensor) -> torch.Tensor:
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the backend holds (the hybrid backend: its enclave connection and any enclave it started)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def decrypt(self, t: PrivateTensor, release: bool | None = None) -> torch.Tensor:
         """The clear value of a private tensor produced under this session, checked sample by sample.
+
+        ``release=True`` (hybrid; or the session's ``release`` option) floods the decrypted values first
+        (:mod:`privml.he.noise`), for outputs that will be shown to others (IND-CPA-D).
 
         Samples outside the output window (see ``check_output_range``) raise ``SampleRangeViolation``
         carrying the other samples' outputs (``.values``); with ``out_of_range="warn"`` all are returned
@@ -135,7 +152,10 @@ class Session:
         if type(t).backend_name != self.plan.backend:
             raise InvalidInput(f"privml: cannot decrypt a {type(t).backend_name} tensor in a {self.plan.backend} "
                                "session")
-        out = self.backend.decrypt(t)
+        if release is not None and self.plan.backend != "hybrid":
+            raise InvalidInput("privml: release flooding needs a hybrid plan (its noise bounds size the flooding); "
+                               f"this session is {self.plan.backend}")
+        out = self.backend.decrypt(t, release=release) if release is not None else self.backend.decrypt(t)
         excess = self.output_excess(out)
         result = apply_client_ops(out, self.plan.params.get("client_ops", []))
         self.last_out_of_range = []

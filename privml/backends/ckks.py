@@ -299,20 +299,20 @@ class CKKSTensor(PrivateTensor):
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         pending = "none" if self.pending is None else "+".join(dict.fromkeys(self.pending.names))
-        return f"CKKSTensor(shape={list(self.shape)}, layout={self.runtime.layout}, pending={pending})"
+        return f"{type(self).__name__}(shape={list(self.shape)}, layout={self.runtime.layout}, pending={pending})"
 
     def materialized(self) -> CKKSTensor:
         """The same value with any pending affine map applied (one level)."""
         if self.pending is None:
             return self
         payload = self.runtime.apply_affine(self.payload, self.pending)
-        return CKKSTensor(payload, self.shape, self.dtype, runtime=self.runtime, pending=None)
+        return type(self)(payload, self.shape, self.dtype, runtime=self.runtime, pending=None)
 
     def finalize(self) -> CKKSTensor:
         return self.materialized()
 
     def with_payload(self, payload: Any, shape: tuple[int, ...] | None = None) -> CKKSTensor:
-        return CKKSTensor(payload, shape if shape is not None else self.shape, self.dtype, runtime=self.runtime,
+        return type(self)(payload, shape if shape is not None else self.shape, self.dtype, runtime=self.runtime,
                           pending=None)
 
 
@@ -366,7 +366,7 @@ def _affine(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor
     w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape)
     step = Affine(w, b, (key,), (current_module() or op_name(func),))
     pending = step if x.pending is None else x.pending.then(step)
-    return CKKSTensor(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
+    return type(x)(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
 
 
 CKKSTensor.implements("linear", "conv2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "sum", "mean",
@@ -381,7 +381,7 @@ def _reshape(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTenso
         probe = func(torch.empty(x.shape, device="meta"), *rest, **kwargs)
     if probe.shape[0] != x.shape[0] or probe.numel() != x.numel():
         raise unsupported(CKKSTensor, func, args, kwargs, "reshapes must keep the batch dimension first.")
-    return CKKSTensor(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending)
+    return type(x)(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending)
 
 
 @CKKSTensor.implements("identity", "dropout", "stochastic_depth")
@@ -441,7 +441,7 @@ def _combine_same_base(a: CKKSTensor, b: CKKSTensor, sign: float) -> CKKSTensor:
     w = (np.broadcast_to(wa.reshape(*sa, n), (*out, n)) + sign * np.broadcast_to(wb.reshape(*sb, n), (*out, n)))
     bias = np.broadcast_to(ba.reshape(sa), out) + sign * np.broadcast_to(bb.reshape(sb), out)
     pending = Affine(w.reshape(-1, n).copy(), bias.reshape(-1).copy(), (("combine", sign, ka, kb),), na + nb)
-    return CKKSTensor(a.payload, (a.shape[0], *out), a.dtype, runtime=a.runtime, pending=pending)
+    return type(a)(a.payload, (a.shape[0], *out), a.dtype, runtime=a.runtime, pending=pending)
 
 
 @CKKSTensor.implements("matmul")
@@ -537,7 +537,7 @@ def _parse_header(raw: bytes) -> tuple[tuple[int, ...], str, bool]:
     return tuple(shape), layout, expanded
 
 
-def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
+def loads(data: bytes, runtime: Runtime, cls: type[CKKSTensor] | None = None) -> CKKSTensor:
     """Inverse of ``dumps`` under ``runtime``'s context; foreign or tampered bytes raise privml errors."""
     from privml.he.serialize import load_ciphertexts
 
@@ -569,7 +569,7 @@ def loads(data: bytes, runtime: Runtime) -> CKKSTensor:
         raise MalformedInput(f"privml: header promises {expected} ciphertexts, got {len(cts)}")
     if runtime.expansion is not None and expanded:
         cts = ExpandedInput(cts)
-    return CKKSTensor(cts, shape, torch.float32, runtime=runtime, pending=None)
+    return (cls or CKKSTensor)(cts, shape, torch.float32, runtime=runtime, pending=None)
 
 
 # --------------------------------------------------------------------------------------------- backend objects

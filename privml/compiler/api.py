@@ -15,7 +15,7 @@ from privml.compiler.client import apply_client_ops, split_client_ops
 from privml.compiler.norms import approximate_layer_norms
 from privml.compiler.plan import Plan, build_plan
 from privml.compiler.validate import fix, raise_if_errors, validate
-from privml.config import CKKSConfig, CompileConfig, compile_config
+from privml.config import CKKSConfig, CompileConfig, HybridConfig, compile_config
 from privml.errors import BudgetError, CalibrationError, FidelityWarning, InvalidInput
 from privml.tensor import PrivateTensor, module_scope
 
@@ -110,7 +110,7 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
         applied += fixes
         stats = calibrate(gm, batches, input_shape)
     plan = build_plan(gm, stats, backend, input_shape, fixes=applied, options=cfg.to_dict())
-    if backend == "ckks" or any(type(m).__module__.startswith("privml.nn") for m in gm.modules()):
+    if backend in ("ckks", "hybrid") or any(type(m).__module__.startswith("privml.nn") for m in gm.modules()):
         # where results depend on inputs staying in range (fitted polynomials, CKKS headroom), the client checks
         plan.params["input_range"] = input_range(batches, cfg.margin)
     if client_ops:
@@ -126,6 +126,10 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
         warnings.warn(choice.warning, FidelityWarning, stacklevel=2)
     if isinstance(cfg, CKKSConfig):
         _plan_ckks(gm, stats, plan, cfg, choice)
+    if isinstance(cfg, HybridConfig):
+        from privml.compiler.hybrid_plan import plan_hybrid
+
+        plan_hybrid(gm, stats, plan, cfg)
     return CompiledModel(gm, plan)
 
 

@@ -68,7 +68,7 @@ def _kind_of(node: fx.Node, modules: dict[str, nn.Module], backend: str, every: 
     spec = node_spec(node, modules)
     if spec is None or spec.kind != "activation" or spec.name not in ACTIVATIONS:
         return None
-    if not every and spec.how("ckks" if backend == "hybrid" else backend) != "approx":
+    if not every and spec.how(backend) != "approx":
         return None
     return spec.name, _params(spec.name, node, mod)
 

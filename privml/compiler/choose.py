@@ -156,20 +156,22 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
            degree: int | None = None, margin: float = 0.1, percentile: Any = None, precision_bits: int = 20,
            poly_modulus_degree: int | None = None, refresh_depth: int | None = None,
            max_degree: int = MAX_DIRECT_DEGREE, composites: bool = True, agreement_target: float | None = None,
-           reference: nn.Module | None = None) -> ChoiceResult:
+           reference: nn.Module | None = None, enclave_activations: bool = True) -> ChoiceResult:
     """Pick an approximation for every activation of ``gm`` (see the module docstring); ``gm`` is not modified.
 
     ``calibration`` (a batch of inputs) measures each activation's effect when no validation
     data is given, and the agreement with ``reference`` (the user's original model, eval mode;
     default: ``gm`` with exact activations). ``percentile``: True for (0.1, 99.9), or (low, high) in percent.
-    ``refresh_depth`` (hybrid): most levels between two enclave refreshes.
+    ``refresh_depth`` (hybrid): most levels between two enclave refreshes; ``enclave_activations=False``
+    (hybrid): approximate ReLU too instead of leaving it to the enclave.
     BudgetError when a target cannot be met, saying the best reached and what to change.
     """
     _check_targets(backend, max_error, accuracy_tolerance, validation, depth_budget, degree)
     val = _check_validation(validation, tuple(calibration.shape[1:])) if validation is not None else None
     budget = any(v is not None for v in (max_error, accuracy_tolerance, depth_budget))
     sites = find_activations(gm, stats, margin, percentile=PERCENTILES if percentile is True else percentile,
-                             backend=backend, every=backend == "mpc" and budget)
+                             backend=backend, every=(backend == "mpc" and budget)
+                             or (backend == "hybrid" and not enclave_activations))
     mode = ("fixed_degree" if degree is not None else "accuracy_tolerance" if accuracy_tolerance is not None
             else "max_error" if max_error is not None else "depth_budget" if depth_budget is not None
             else "agreement")

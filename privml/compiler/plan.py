@@ -33,7 +33,7 @@ MAX_INPUT_DIMS = 8
 MAX_LAYERS = 10_000
 MAX_CHAIN_PRIMES = 64  # coefficient modulus primes
 ROTATION_STEPS_PER_LOG_N = 4  # at most 4 * log2(N) Galois keys (real plans: DigitsCNN 11, LeNet-5 10)
-ENCRYPTED_BACKENDS = ("ckks", "mpc")
+ENCRYPTED_BACKENDS = ("ckks", "mpc", "hybrid")
 
 
 @dataclass
@@ -294,7 +294,9 @@ def _check_params(params: dict[str, Any], backend: str) -> None:
     _expect(params.get("layout", "latency") in ("latency", "throughput"), "params.layout", params.get("layout"),
             "latency or throughput")
     _expect(isinstance(params.get("client_ops", []), list), "params.client_ops", params.get("client_ops"), "a list")
-    if backend != "ckks" and "ckks" not in params:
+    if backend == "hybrid":
+        _check_hybrid(params.get("hybrid"))
+    if backend not in ("ckks", "hybrid") and "ckks" not in params:
         return
     ck = params.get("ckks")
     _expect(isinstance(ck, dict), "params.ckks", ck, "an object with poly_modulus_degree, coeff_mod_bit_sizes, "
@@ -319,6 +321,21 @@ def _check_params(params: dict[str, Any], backend: str) -> None:
         _expect(v is None or (_is_int(v) and v >= 0), f"params.{name}", v, "a non-negative integer")
     _expect(params.get("input_expansion") is None or isinstance(params["input_expansion"], dict),
             "params.input_expansion", params.get("input_expansion"), "None or an object")
+
+
+def _check_hybrid(hy: Any) -> None:
+    """The hybrid section a client provisions the enclave from: finite, positive flooding and budgets."""
+    _expect(isinstance(hy, dict), "params.hybrid", hy, "an object (segment, flooding, masks, budget)")
+    for name in ("flood_sigma", "release_sigma", "value_bound"):
+        v = hy.get(name)
+        _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                f"params.hybrid.{name}", v, "a positive finite number")
+    for name, lo, hi in (("decryption_budget", 1, 1 << 40), ("flood_security_bits", 30, 256), ("mask_bits", 1, 40),
+                         ("relu_mask_bits", 0, 16), ("segment", 1, MAX_CHAIN_PRIMES)):
+        v = hy.get(name)
+        _expect(_is_int(v) and lo <= v <= hi, f"params.hybrid.{name}", v, f"an integer in [{lo}, {hi}]")
+    _expect(isinstance(hy.get("enclave_activations"), bool), "params.hybrid.enclave_activations",
+            hy.get("enclave_activations"), "true or false")
 
 
 def _short(v: Any) -> str:

@@ -1,0 +1,549 @@
+"""The ``hybrid`` backend: CKKS on an untrusted server, an attested enclave refreshing ciphertexts.
+
+CKKS here has no bootstrapping, so deep models used to need huge rings (LeNet-5: N=32768) or were refused.
+In hybrid mode the server still does all the bulk work on ciphertexts (the ``ckks`` backend's op table and
+kernels, inherited by :class:`HybridTensor`), but when a ciphertext runs out of levels it is *refreshed* by
+the enclave (:mod:`privml.enclave`, its own process) that holds the secret key:
+
+* **pure refresh** (``mode="refresh"``): the server adds a uniform mask ``m`` (|m| <= 2^mask_bits x the
+  plan's value bound) to every slot, the enclave decrypts ``x + m``, floods it (:mod:`privml.he.noise`) and
+  re-encrypts it at the top level, the server subtracts ``m``. The enclave sees ``x + m`` only.
+* **exact ReLU** (``mode="relu"``, when the plan says so): the server multiplies every slot by a positive
+  random ``r`` in [1, 2^relu_mask_bits], the enclave returns ``Enc(relu(r x) + flood)`` at the top level
+  and the server multiplies by ``1/r`` (ReLU is positively homogeneous). The enclave learns each value's
+  sign (the ReLU's own on/off pattern) and its magnitude within the mask's factor; nothing else.
+
+Levels: data lives on levels ``floor`` (= 1) .. top; level 0 (one 60-bit prime) is never used, so a
+ciphertext at the floor still has 60 bits of headroom above the scale for the masked values. An op that
+needs ``k`` levels runs after a refresh when fewer than ``k`` are left. The keyless
+:class:`HybridDryRuntime` routes the model the same way to count refreshes and to bound the noise of every
+refreshed ciphertext (the flooding is sized from the worst of them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from privml.backends.ckks import (
+    LAYOUTS,
+    PLAINTEXT_CACHE_BYTES,
+    Affine,
+    CKKSTensor,
+    Runtime,
+    dumps,
+    loads,
+)
+from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
+from privml.tensor import current_module
+
+FLOOR = 1  # lowest level data may reach (level 0 stays unused: headroom for masks)
+MODES = ("refresh", "relu")
+CHUNK = 512  # ciphertexts per refresh message
+
+
+def _rng() -> np.random.Generator:
+    """Masks come from a generator seeded by the OS CSPRNG (fresh per refresher)."""
+    return np.random.Generator(np.random.PCG64DXSM(int.from_bytes(os.urandom(32), "little")))
+
+
+@dataclass
+class RefreshStats:
+    """What the refreshes of one runtime cost: requests, ciphertexts, seconds and bytes on the wire."""
+
+    requests: int = 0
+    ciphertexts: int = 0
+    seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    log: list[tuple[str, str, int]] = field(default_factory=list)  # (module, mode, ciphertexts)
+    budget_left: int | None = None
+
+
+class Refresher:
+    """The server's side of a refresh: blind, send to the enclave, unblind (no secret key here)."""
+
+    def __init__(self, ctx: Any, enclave: Any, key_id: str, token: bytes, value_bound: float, mask_bits: int,
+                 relu_mask_bits: int) -> None:
+        self.ctx = ctx
+        self.enclave = enclave
+        self.key_id = key_id
+        self.token = token
+        self.mask = float(value_bound) * 2.0 ** mask_bits
+        self.relu_range = 2.0 ** relu_mask_bits
+        self.stats = RefreshStats()
+        self._rng = _rng()
+
+    def _call(self, cts: list, mode: str) -> list:
+        if len(cts) > CHUNK:  # the enclave takes a bounded number of ciphertexts per message
+            return [ct for i in range(0, len(cts), CHUNK) for ct in self._call(cts[i:i + CHUNK], mode)]
+        from privml.he.serialize import dump_ciphertexts, load_ciphertexts
+
+        if not cts:
+            return []
+        t0 = time.perf_counter()
+        blob = dump_ciphertexts(self.ctx, list(cts))
+        out, left = self.enclave.refresh(self.key_id, self.token, mode, blob, len(cts))
+        fresh = load_ciphertexts(self.ctx, out)
+        if len(fresh) != len(cts):
+            raise MalformedInput(f"privml: the enclave returned {len(fresh)} ciphertexts for {len(cts)} sent")
+        top = self.ctx.max_level
+        if any(self.ctx.level(ct) != top for ct in fresh):
+            raise MalformedInput("privml: the enclave returned ciphertexts below the top level")
+        s = self.stats
+        s.requests += 1
+        s.ciphertexts += len(cts)
+        s.seconds += time.perf_counter() - t0
+        s.bytes_sent += len(blob)
+        s.bytes_received += len(out)
+        s.budget_left = int(left)
+        s.log.append((current_module() or "", mode, len(cts)))
+        return fresh
+
+    def refresh(self, cts: list) -> list:
+        """Fresh top-level encryptions of the same values (additive blinding)."""
+        slots = self.ctx.slots
+        masks = [self._rng.uniform(-self.mask, self.mask, slots) for _ in cts]
+        blinded = [self.ctx.add_plain(ct, m) for ct, m in zip(cts, masks, strict=True)]
+        fresh = self._call(blinded, "refresh")
+        return [self.ctx.add_plain(ct, -m) for ct, m in zip(fresh, masks, strict=True)]
+
+    def relu(self, cts: list) -> list:
+        """relu(x) at the top level minus one: positive masks, the enclave's exact ReLU, unmasking."""
+        slots = self.ctx.slots
+        masks = [np.exp(self._rng.uniform(0.0, math.log(self.relu_range), slots)) if self.relu_range > 1
+                 else np.ones(slots) for _ in cts]
+        masked = [self.ctx.mul_plain(ct, r) for ct, r in zip(cts, masks, strict=True)]
+        fresh = self._call(masked, "relu")
+        return [self.ctx.mul_plain(ct, 1.0 / r) for ct, r in zip(fresh, masks, strict=True)]
+
+
+class HybridRuntime(Runtime):
+    """The CKKS runtime plus refreshes: an op needing ``k`` levels first refreshes operands with fewer left."""
+
+    def __init__(self, ctx: Any, layout: str, refresher: Refresher | None, floor: int = FLOOR) -> None:
+        super().__init__(ctx, layout, None)
+        self.refresher = refresher
+        self.floor = floor
+
+    def _refresher(self) -> Refresher:
+        if self.refresher is None:
+            raise PrivmlError("privml: this hybrid runtime has no enclave connection, so it cannot refresh")
+        return self.refresher
+
+    def encrypt(self, x: torch.Tensor) -> list:
+        """Secret-key encryption when the key is here (the client): less noise than public-key encryption."""
+        if not self.ctx.has_secret_key:
+            return super().encrypt(x)
+        flat = x.detach().double().reshape(x.shape[0], -1).numpy()
+        if x.shape[0] < 1 or flat.shape[1] < 1:
+            raise InvalidInput(f"privml: cannot encrypt an empty batch (shape {list(x.shape)})")
+        rows = flat if self.layout == "latency" else flat.T
+        limit = flat.shape[1] if self.layout == "latency" else flat.shape[0]
+        if limit > self.slots:
+            raise InvalidInput(f"privml: {limit} values per ciphertext exceed the {self.slots} slots; "
+                               + ("use a larger ring" if self.layout == "latency" else "split the batch"))
+        return [self.ctx.encrypt_symmetric(row) for row in rows]
+
+    def fit(self, payload: list, k: int) -> list:
+        """``payload`` with at least ``k`` levels above the floor (refreshed if needed)."""
+        if self.levels_left(payload) - k < self.floor:
+            if self.ctx.max_level - k < self.floor:
+                raise PrivmlError(f"privml: an op needs {k} levels but the parameters have only "
+                                  f"{self.ctx.max_level - self.floor} between refreshes")
+            return self._refresher().refresh(payload)
+        return payload
+
+    def apply_affine(self, payload: list, affine: Affine) -> list:
+        return super().apply_affine(self.fit(payload, 1), affine)
+
+    def poly(self, payload: list, coeffs: list[float]) -> list:
+        from privml.he.kernels import poly_depth
+
+        degree = max((i for i, c in enumerate(coeffs) if c), default=0)
+        return super().poly(self.fit(payload, poly_depth(degree)), coeffs)
+
+    def mul(self, a: list, b: list) -> list:
+        return super().mul(self.fit(a, 1), self.fit(b, 1))
+
+    def square(self, a: list) -> list:
+        return super().square(self.fit(a, 1))
+
+    def relu(self, payload: list) -> list:
+        return self._refresher().relu(self.fit(payload, 1))
+
+
+# --------------------------------------------------------------------------------------------- dry run
+@dataclass(frozen=True)
+class Track:
+    """A keyless payload: levels left above the floor, the ciphertext noise bound (worst case, value units) and
+    the standard deviation of the flooding error it carries (independent Gaussians: added in quadrature)."""
+
+    levels: int
+    noise: float
+    error: float
+
+
+@dataclass
+class RefreshPoint:
+    where: str
+    mode: str
+    noise: float  # bound on the noise of the ciphertexts the enclave decrypts here (value units)
+    ciphertexts: int
+
+
+def _inf_norm(w: np.ndarray) -> float:
+    """Largest row sum of |w|: how much a worst-case slot error can grow."""
+    return float(np.abs(w).sum(axis=1).max()) if w.size else 0.0
+
+
+def _row_l2(w: np.ndarray) -> float:
+    """Largest row 2-norm: how much the standard deviation of independent slot errors can grow."""
+    return float(np.sqrt((w * w).sum(axis=1)).max()) if w.size else 0.0
+
+
+class HybridDryRuntime(Runtime):
+    """Routes a model without keys: levels, refreshes, rotation steps and noise bounds for ``segment`` levels.
+
+    ``noise`` is a :class:`privml.he.noise.NoiseModel`; ``value_bound`` bounds every value (calibrated
+    maximum with headroom); ``sigma`` is the flooding standard deviation used to carry the error forward
+    (0 on the first pass, which only collects the noise bounds that size it).
+    """
+
+    def __init__(self, layout: str, segment: int, noise: Any, value_bound: float, relu_mask_bits: int,
+                 sigma: float = 0.0, slots: int = 1 << 13, batch: int = 1, cache: dict | None = None) -> None:
+        if layout not in LAYOUTS:
+            raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
+        super().__init__(None, layout)
+        cache = cache if cache is not None else {}
+        self._affine_cache = cache.setdefault("affine", {})  # shared by the planner's dry runs
+        self._mv_cache = cache.setdefault("mv", {})
+        self._slots = slots
+        self.segment = segment
+        self.noise = noise
+        self.bound = value_bound
+        self.relu_range = 2.0 ** relu_mask_bits
+        self.sigma = sigma
+        self.batch = batch
+        self.rotation_steps: set[int] = set()
+        self.min_slots = 1
+        self.refreshes: list[RefreshPoint] = []
+        self.log: list[tuple[str, str, int, int]] = []
+        self.max_need = 0
+        self.expansion = None
+        self.rotations = 0
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def _count(self, shape_numel: int) -> int:
+        """Ciphertexts of one payload (latency: one per sample; throughput: one per feature)."""
+        return self.batch if self.layout == "latency" else shape_numel
+
+    def encrypt(self, x: torch.Tensor) -> Track:
+        self.min_slots = max(self.min_slots, int(np.prod(x.shape[1:])) if self.layout == "latency" else x.shape[0])
+        self._width = int(np.prod(x.shape[1:]))
+        return Track(self.segment, self.noise.fresh, 0.0)
+
+    def _fresh(self, error: float) -> Track:
+        return Track(self.segment, self.noise.fresh, error)
+
+    def fit(self, t: Track, k: int, width: int) -> Track:
+        self.max_need = max(self.max_need, k)
+        if t.levels >= k:
+            return t
+        if k > self.segment:
+            return Track(k, t.noise, t.error)  # recorded in max_need; the planner refuses this segment
+        self.refreshes.append(RefreshPoint(current_module() or "", "refresh", t.noise, self._count(width)))
+        return self._fresh(math.hypot(t.error, self.sigma))
+
+    def _note(self, names: str, op: str, cost: int, t: Track) -> None:
+        self.log.append((names, op, cost, self.segment - t.levels))
+
+    def apply_affine(self, payload: Track, affine: Affine) -> Track:
+        from privml.he.kernels import DiagonalMatVec
+
+        m, n = affine.weight.shape
+        t = self.fit(payload, 1, n)
+        key = (affine.key, self.layout, max(self._slots, n + m))
+        hit = self._mv_cache.get(key)
+        if hit is None:
+            steps: set[int] = set()
+            rotations = babies = giants = 0
+            if self.layout == "latency":
+                mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
+                steps, rotations = mv.rotation_steps(), int(mv.rotation_count)
+                babies, giants = mv._baby_max, mv._g_hi - mv._g_lo
+            hit = self._mv_cache[key] = (_inf_norm(affine.weight), _row_l2(affine.weight), steps, rotations,
+                                         babies, giants)
+        norm, l2, steps, rotations, babies, giants = hit
+        if self.layout == "latency":
+            self.min_slots = max(self.min_slots, n + m)
+            self.rotation_steps |= steps
+            self.rotations += rotations * self.batch
+        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants), l2 * t.error)
+        self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, out)
+        self._width = m
+        return out
+
+    def poly(self, payload: Track, coeffs: list[float]) -> Track:
+        from privml.he.kernels import poly_depth, poly_mult_count
+
+        degree = max((i for i, c in enumerate(coeffs) if c != 0.0), default=0)
+        k = poly_depth(degree)
+        t = self.fit(payload, k, self._width)
+        x = self.bound
+        slope = sum(i * abs(c) * x ** (i - 1) for i, c in enumerate(coeffs) if i)
+        size = sum(abs(c) * x**i for i, c in enumerate(coeffs))
+        extra = poly_mult_count(coeffs) * (self.noise.ks + self.noise.rs) * max(1.0, size)
+        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error)
+        self._note(current_module() or "", f"poly(deg {degree})", k, out)
+        return out
+
+    def mul(self, a: Track, b: Track) -> Track:
+        a, b = self.fit(a, 1, self._width), self.fit(b, 1, self._width)
+        x = self.bound
+        out = Track(min(a.levels, b.levels) - 1, self.noise.product(a.noise, b.noise, x),
+                    x * (a.error + b.error) + a.error * b.error)
+        self._note(current_module() or "", "mul", 1, out)
+        return out
+
+    def square(self, a: Track) -> Track:
+        return self.mul(a, a)
+
+    def add(self, a: Track, b: Track, negate_b: bool = False) -> Track:
+        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error)
+
+    def relu(self, payload: Track) -> Track:
+        t = self.fit(payload, 1, self._width)
+        masked = self.noise.scalar(t.noise, self.relu_range)
+        self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(self._width)))
+        self.max_need = max(self.max_need, 1)
+        out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0), math.hypot(t.error, self.sigma))
+        self._note(current_module() or "", "relu (enclave)", 2, out)
+        return out
+
+    def levels_left(self, payload: Track) -> int:
+        return payload.levels + FLOOR
+
+
+# --------------------------------------------------------------------------------------------- the tensor
+class HybridTensor(CKKSTensor):
+    """CKKS ciphertexts whose runtime can ask the enclave for refreshes (and exact ReLUs)."""
+
+    backend_name = "hybrid"
+
+
+@HybridTensor.implements("relu")
+def _relu(func: object, types: tuple, args: tuple, kwargs: dict) -> HybridTensor:
+    x = (args[0] if args else kwargs["input"]).materialized()
+    if not hasattr(x.runtime, "relu"):
+        raise PrivmlError("privml: this runtime cannot evaluate ReLU in the enclave")
+    return x.with_payload(x.runtime.relu(x.payload))
+
+
+# --------------------------------------------------------------------------------------------- backend objects
+def _hybrid_params(plan: Any) -> tuple[Any, list[int], str, dict]:
+    from privml.he.params import CKKSParams
+
+    ck, hy = plan.params.get("ckks"), plan.params.get("hybrid")
+    if not ck or not hy:
+        raise PrivmlError("privml: this plan has no hybrid parameters; compile the model with backend='hybrid'")
+    return (CKKSParams.from_dict(ck), list(plan.params.get("rotation_steps", [])), plan.params.get("layout",
+            "latency"), hy)
+
+
+def enclave_policy(plan: Any, rate_limit: float, allowed_regions: tuple[str, ...] | None) -> Any:
+    """The per-key policy the client provisions: budget, rate, flooding (sized by the plan), modes, regions."""
+    from privml.enclave import Policy
+
+    hy = plan.params["hybrid"]
+    modes = ("refresh", "relu") if hy.get("enclave_activations") else ("refresh",)
+    return Policy(decryption_budget=int(hy["decryption_budget"]), rate_limit=float(rate_limit),
+                  flood_sigma=float(hy["flood_sigma"]), flood_security_bits=int(hy["flood_security_bits"]),
+                  modes=modes, allowed_regions=tuple(allowed_regions) if allowed_regions else ())
+
+
+class HybridBackend:
+    """Client side: generates the keys, verifies the enclave's attestation, provisions the secret key to it."""
+
+    name = "hybrid"
+
+    def __init__(self, plan: Any, enclave: Any = None, allowed_regions: tuple[str, ...] | None = ("eu-central-1",),
+                 rate_limit: float = 1e6, timeout: float = 60.0, release: bool = False) -> None:
+        from privml import enclave as enc
+        from privml.he.context import CKKSContext
+        from privml.he.serialize import dump_context
+
+        params, steps, layout, hy = _hybrid_params(plan)
+        self.plan = plan
+        self.release = release
+        self._own = None
+        if enclave is None:
+            import tempfile
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="privml-enclave-")
+            region = allowed_regions[0] if allowed_regions else "eu-central-1"
+            enclave = self._own = enc.launch(self._tmp.name, region=region, timeout=timeout)
+        self.enclave = enclave
+        self.ctx = CKKSContext.generate(params, steps)
+        self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
+        self.client = enc.EnclaveClient(enclave.address, timeout=timeout)
+        secret = CKKSContext(self.ctx.keys.__class__(params, self.ctx.keys.seal_context, self.ctx.keys.public_key,
+                                                     self.ctx.keys.relin_keys, self.ctx.keys.galois_keys, (),
+                                                     self.ctx.keys.secret_key, self.ctx.fingerprint))
+        regions = tuple(allowed_regions) if allowed_regions else (enclave.region,)
+        policy = enclave_policy(plan, rate_limit, regions)
+        pinned = enc.EnclaveConfig(region=enclave.region) if self._own is not None else None  # PCR1 too
+        self.attestation, self.receipt = enc.attest_and_provision(
+            self.client, root_certificate=enclave.root_certificate, region_allowed=allowed_regions,
+            secret_context=dump_context(secret, include_secret=True), policy=policy, config=pinned)
+        refresher = Refresher(self.ctx, self.client, self.receipt.key_id, self.receipt.server_token,
+                              hy["value_bound"], int(hy["mask_bits"]), int(hy["relu_mask_bits"]))
+        self.runtime = HybridRuntime(self.ctx, layout, refresher)
+        self.sent_batches: set[int] = set()
+
+    # ---- client
+    def encrypt(self, x: torch.Tensor) -> HybridTensor:
+        payload = self.runtime.encrypt(x)
+        self.sent_batches.add(int(x.shape[0]))
+        return HybridTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
+
+    def check_ours(self, t: CKKSTensor) -> None:
+        if getattr(getattr(t.runtime, "ctx", None), "fingerprint", None) != self.ctx.fingerprint:
+            raise KeyMaterialError("privml: this encrypted tensor was produced under another key set")
+        if t.shape[0] not in self.sent_batches:
+            raise MalformedInput(f"privml: the encrypted result has a batch of {t.shape[0]} samples but this session "
+                                 f"only encrypted batches of {sorted(self.sent_batches)}")
+
+    def decrypt(self, t: CKKSTensor, release: bool | None = None) -> torch.Tensor:
+        """Decrypt; with ``release`` (or the session's ``release=True``) flood first, for outputs shown to others."""
+        self.check_ours(t)
+        t = t.materialized()
+        values = self.runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
+        if self.release if release is None else release:
+            sigma = float(self.plan.params["hybrid"]["release_sigma"])
+            values = values + _rng().normal(0.0, sigma, values.shape)
+        out = torch.from_numpy(values).float().reshape(t.shape)
+        if not torch.isfinite(out).all():
+            raise MalformedInput("privml: decrypted values are not finite: the ciphertexts were corrupted")
+        return out
+
+    def public_context(self) -> bytes:
+        from privml.he.serialize import dump_context
+
+        return dump_context(self.ctx, include_secret=False)
+
+    def server_credentials(self) -> dict[str, Any]:
+        """What the server needs to reach the enclave for this key (no secret: the token only authorizes refreshes)."""
+        return {"address": self.enclave.address, "key_id": self.receipt.key_id, "token": self.receipt.server_token}
+
+    def dumps(self, t: CKKSTensor) -> bytes:
+        return dumps(t)
+
+    def loads(self, data: bytes) -> HybridTensor:
+        return loads(data, self.runtime, HybridTensor)
+
+    def audit(self) -> list:
+        """The enclave's audit log for this session, verified (hash chain and signed head) before it is returned."""
+        from privml.enclave import verify_audit_log
+
+        nonce = os.urandom(16)
+        entries, head = self.client.audit(nonce)
+        verify_audit_log(entries, head, attestation=self.attestation, nonce=nonce)
+        return entries
+
+    def costs(self) -> dict[str, Any]:
+        p, s = self.ctx.params, self.runtime.refresher.stats
+        return {"ring dimension N": p.poly_modulus_degree, "modulus chain (bits)": list(p.coeff_mod_bit_sizes),
+                "scale bits": p.scale_bits, "security": f"{p.security_bits}-bit (HE standard)",
+                "refresh requests": s.requests, "refreshed ciphertexts": s.ciphertexts,
+                "refresh seconds": round(s.seconds, 3), "refresh bytes": s.bytes_sent + s.bytes_received,
+                "decryption budget left": s.budget_left,
+                "flood sigma": self.plan.params["hybrid"]["flood_sigma"],
+                **{f"ops: {k}": v for k, v in self.ctx.stats.items()}}
+
+    def trust_statement(self) -> list[str]:
+        hy = self.plan.params["hybrid"]
+        relu = hy.get("enclave_activations")
+        return [
+            "client: holds the CKKS secret key; sees its inputs and the decrypted outputs only.",
+            "server: model weights in clear, a public evaluation context (no secret key); sees ciphertexts, shapes "
+            "and how many refreshes it asks for.",
+            f"enclave (simulated TEE, measurement {self.attestation.pcrs[0].hex()[:16]}..., region "
+            f"{self.attestation.region}): holds the secret key; sees values blinded by additive masks "
+            f"(2^{hy['mask_bits']} x their bound) in refreshes"
+            + (f", and positively masked values (factor <= 2^{hy['relu_mask_bits']}) in exact ReLUs: it learns "
+               "each activation's sign" if relu else "") + ". If it is compromised, every ciphertext under this key "
+            "is exposed; side channels are the known weakness of SGX-class enclaves.",
+            f"flooding: every refresh adds Gaussian noise of sigma {hy['flood_sigma']:.3g} (s={hy['flood_security_bits']}"
+            f", alpha={hy['decryption_budget']} decryptions per key); the enclave logs and budgets every decryption.",
+        ]
+
+    def close(self) -> None:
+        self.client.close()
+        if self._own is not None:
+            self._own.stop()
+            self._own = None
+
+
+class HybridServer:
+    """Server side: runs a compiled model on ciphertexts with a public context, refreshing through the enclave."""
+
+    def __init__(self, plan: Any, public_context: bytes, credentials: dict[str, Any], timeout: float = 60.0) -> None:
+        from privml.enclave import EnclaveClient
+        from privml.he.serialize import load_context
+
+        params, _, layout, hy = _hybrid_params(plan)
+        self.ctx = load_context(public_context)
+        if self.ctx.params != params:
+            raise InvalidInput("privml: the public context's parameters differ from the plan's")
+        if self.ctx.has_secret_key:
+            raise KeyMaterialError("privml: the context given to the server contains a secret key")
+        self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
+        self.client = EnclaveClient(credentials["address"], timeout=timeout)
+        refresher = Refresher(self.ctx, self.client, credentials["key_id"], credentials["token"], hy["value_bound"],
+                              int(hy["mask_bits"]), int(hy["relu_mask_bits"]))
+        self.runtime = HybridRuntime(self.ctx, layout, refresher)
+
+    def run(self, model: torch.nn.Module, request: bytes) -> bytes:
+        x = loads(request, self.runtime, HybridTensor)
+        try:
+            y = model(x)
+        except PrivmlError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise MalformedInput(f"privml: evaluating the request failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(y, HybridTensor):
+            raise PrivmlError("privml: the model did not return an encrypted tensor")
+        return dumps(y)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_backend(plan: Any, **options: Any) -> HybridBackend:
+    """Backend factory used by ``privml.Session``."""
+    return HybridBackend(plan, **options)
+
+
+def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, segment: int, noise: Any,
+            value_bound: float, relu_mask_bits: int, sigma: float = 0.0, slots: int = 1 << 13,
+            batch: int = 1, cache: dict | None = None) -> HybridDryRuntime:
+    """Route ``model`` without keys with ``segment`` levels between refreshes (``cache``: shared across runs)."""
+    rt = HybridDryRuntime(layout, segment, noise, value_bound, relu_mask_bits, sigma, slots, batch, cache)
+    x = HybridTensor(rt.encrypt(torch.empty((batch, *input_shape))), (batch, *input_shape), torch.float32,
+                     runtime=rt, pending=None)
+    out = model(x)
+    if not isinstance(out, HybridTensor):
+        raise PrivmlError("privml: the model's output is not an encrypted tensor")
+    out = out.finalize()
+    rt.output = out.payload
+    return rt

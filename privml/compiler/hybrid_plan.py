@@ -1,0 +1,187 @@
+"""Hybrid planning: ring, scale and levels between enclave refreshes, under the flooding's precision cost.
+
+For each ring N (8192, 16384) and segment depth D (levels between two refreshes) the chain is
+``[60, s x (D + 1), 60]`` with the largest scale ``s <= 59`` that keeps 128-bit security; level 0 is never
+used by data (headroom for blinded values). A keyless dry run (:func:`privml.backends.hybrid.dry_run`) routes
+the model as the server will: it places every refresh (where an op needs more levels than are left, and
+every ReLU when the enclave evaluates it), and bounds the noise of each ciphertext the enclave decrypts
+(:mod:`privml.he.noise`). The flooding sigma is sized from the worst bound, then a second dry run carries the
+flooding error to the outputs. Among the candidates whose predicted output error (6 sigma) is within
+``max_output_error``, the cheapest (server work plus refresh round trips, by a measured cost model) wins.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+
+from privml.compiler.calibrate import RangeStats
+from privml.compiler.plan import Plan
+from privml.errors import BudgetError, FidelityWarning
+from privml.tensor import module_scope
+
+RINGS = (8192, 16384)
+EDGE_PRIME_BITS = 60  # level-0 prime and special prime
+MAX_SCALE_BITS = 59
+MIN_SCALE_BITS = 20
+MAX_SEGMENT = 12
+HEADROOM = 2.0
+# Measured on this machine (2 cores, SEAL via TenSEAL), per ciphertext: rotation at N=16384 with 6 primes
+# ~17 ms, ct x pt ~1.5 ms; a refresh round trip (blind, send, decrypt, flood, encrypt, return, unblind)
+# ~25 ms at N=16384 and ~9 ms at N=8192 (experiments/bench/bench_hybrid.py). Costs scale ~ N x primes.
+ROTATION_S = 17e-3 / (16384 * 6)
+PT_MULT_S = 1.5e-3 / (16384 * 6)
+REFRESH_S = {8192: 9e-3, 16384: 25e-3}
+ENCLAVE_SEES = {
+    "refresh": "x + m with m uniform in +-2^mask_bits x value_bound per slot (statistical distance "
+               "2^-mask_bits from m alone)",
+    "relu": "r x with r in [1, 2^relu_mask_bits] per slot: each value's sign and its magnitude within that factor",
+}
+
+
+@dataclass
+class Candidate:
+    n: int
+    segment: int
+    scale_bits: int
+    refreshes: list[dict]
+    sigma: float
+    noise_bound: float
+    output_error: float
+    output_noise: float
+    seconds: float
+    rotation_steps: list[int]
+    min_slots: int
+    feasible: bool
+    why: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return {"N": self.n, "segment": self.segment, "scale_bits": self.scale_bits,
+                "refreshes_per_sample": sum(r["ciphertexts"] for r in self.refreshes),
+                "flood_sigma": self.sigma, "output_error": self.output_error,
+                "predicted_seconds": round(self.seconds, 3), "feasible": self.feasible, "why": self.why}
+
+
+def chain_for(n: int, segment: int) -> tuple[int, ...] | None:
+    """``[60, s x (segment + 1), 60]`` with the largest scale within 128-bit security, or None."""
+    from privml.he.params import HE_STANDARD_128
+
+    s = min(MAX_SCALE_BITS, (HE_STANDARD_128[n] - 2 * EDGE_PRIME_BITS) // (segment + 1))
+    if s < MIN_SCALE_BITS:
+        return None
+    return (EDGE_PRIME_BITS,) + (s,) * (segment + 1) + (EDGE_PRIME_BITS,)
+
+
+def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n: int, segment: int,
+               bound: float, cfg: Any, out_tol: float, cache: dict) -> Candidate | None:
+    from privml.backends.hybrid import dry_run
+    from privml.he.noise import TAIL, NoiseModel, flood_sigma
+
+    chain = chain_for(n, segment)
+    if chain is None:
+        return None
+    s = chain[1]
+    noise = NoiseModel(n, s, primes=len(chain) - 1)
+    common = dict(layout=layout, segment=segment, noise=noise, value_bound=bound, relu_mask_bits=cfg.relu_mask_bits,
+                  slots=n // 2, cache=cache)
+    with module_scope(gm):
+        probe = dry_run(gm, input_shape, **common)
+    if probe.max_need > segment:
+        return Candidate(n, segment, s, [], 0, 0, math.inf, 0, math.inf, [], probe.min_slots, False,
+                         f"an op needs {probe.max_need} levels")
+    if probe.min_slots > n // 2:
+        return Candidate(n, segment, s, [], 0, 0, math.inf, 0, math.inf, [], probe.min_slots, False,
+                         f"needs {probe.min_slots} slots > {n // 2}")
+    alpha, sec = cfg.decryption_budget, cfg.flood_security_bits
+    worst = max((r.noise for r in probe.refreshes), default=noise.fresh)
+    sigma = flood_sigma(worst, n, alpha, sec)
+    with module_scope(gm):
+        run = dry_run(gm, input_shape, **{**common, "sigma": sigma})
+    out = run.output
+    refreshes = [{"where": r.where, "mode": r.mode, "ciphertexts": r.ciphertexts, "noise_bound": r.noise}
+                 for r in run.refreshes]
+    primes = len(chain) - 1
+    seconds = (run.rotations * ROTATION_S + run_mults(run) * PT_MULT_S) * n * primes
+    seconds += sum(r.ciphertexts for r in run.refreshes) * REFRESH_S.get(n, REFRESH_S[16384] * n / 16384)
+    err = TAIL * float(out.error)
+    ok = err <= out_tol
+    return Candidate(n, segment, s, refreshes, sigma, worst, err, float(out.noise), seconds,
+                     sorted(run.rotation_steps), run.min_slots, ok,
+                     "" if ok else f"predicted output error {err:.3g} > {out_tol:.3g}")
+
+
+def run_mults(rt: Any) -> int:
+    """Plaintext products the dry run implies: one per linear op and ciphertext (throughput: per feature)."""
+    return sum(1 for _, op, _, _ in rt.log)
+
+
+def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cfg: Any) -> None:
+    """Fill ``plan.params`` for the hybrid backend (CKKS parameters, refreshes, flooding, candidates table)."""
+    from privml.compiler.he_plan import _levels_into_layers
+    from privml.he.noise import precision_cost_bits
+
+    bound = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
+    lo, hi = plan.params["output_range"]
+    out_tol = cfg.max_output_error if cfg.max_output_error is not None else 0.01 * (hi - lo)
+    rings = (cfg.poly_modulus_degree,) if cfg.poly_modulus_degree else RINGS
+    segments = (cfg.refresh_depth,) if cfg.refresh_depth else range(1, MAX_SEGMENT + 1)
+    found: list[Candidate] = []
+    cache: dict = {}
+    for n in rings:
+        for d in segments:
+            c = _candidate(gm, plan.input_shape, cfg.layout, n, d, bound, cfg, out_tol, cache)
+            if c is not None:
+                found.append(c)
+    usable = [c for c in found if math.isfinite(c.output_error)]
+    if not usable:
+        why = "; ".join(f"N={c.n}, {c.segment} levels: {c.why}" for c in found[:6]) or "no chain fits"
+        raise BudgetError(f"privml: no hybrid parameters fit this model ({why}); lower polynomial degrees "
+                          "(refresh_depth=, max_error=) or use a larger ring")
+    feasible = [c for c in usable if c.feasible]
+    best = min(feasible, key=lambda c: c.seconds) if feasible else min(usable, key=lambda c: c.output_error)
+    if not feasible:
+        plan.notes.append(
+            f"privml: with flooding at s={cfg.flood_security_bits} bits for {cfg.decryption_budget} decryptions "
+            f"per key, the predicted output error is {best.output_error:.3g} (6 sigma), above the tolerance "
+            f"{out_tol:.3g} (max_output_error): lower decryption_budget (fewer decryptions per key), relu_mask_bits "
+            "or the number of refreshes")
+        warnings.warn(plan.notes[-1], FidelityWarning, stacklevel=4)
+    from privml.backends.hybrid import FLOOR
+    from privml.he.noise import flood_sigma
+    from privml.he.params import CKKSParams
+
+    chain = chain_for(best.n, best.segment)
+    params = CKKSParams(best.n, chain, best.scale_bits).check()
+    release = flood_sigma(max(best.output_noise, 1e-300), best.n, cfg.decryption_budget, cfg.flood_security_bits)
+    plan.params.update({
+        "layout": cfg.layout,
+        "ckks": params.to_dict(),
+        "depth": best.segment,
+        "security_bits": params.security_bits,
+        "poly_modulus_degree": best.n,
+        "rotation_steps": best.rotation_steps,
+        "max_abs_value": bound,
+        "input_expansion": None,
+        "hybrid": {
+            "segment": best.segment, "floor": FLOOR, "enclave_activations": bool(cfg.enclave_activations),
+            "decryption_budget": int(cfg.decryption_budget), "flood_security_bits": int(cfg.flood_security_bits),
+            "mask_bits": int(cfg.mask_bits), "relu_mask_bits": int(cfg.relu_mask_bits), "value_bound": bound,
+            "noise_bound": best.noise_bound, "flood_sigma": best.sigma, "release_sigma": release,
+            "precision_cost_bits": precision_cost_bits(best.n, cfg.decryption_budget, cfg.flood_security_bits),
+            "output_error_bound": best.output_error, "output_tolerance": out_tol,
+            "refreshes": best.refreshes, "predicted_seconds_per_sample": best.seconds,
+            "enclave_sees": {m: ENCLAVE_SEES[m] for m in sorted({r["mode"] for r in best.refreshes})},
+            "candidates": [c.row() for c in found],
+        },
+    })
+    with module_scope(gm):
+        from privml.backends.hybrid import dry_run
+        from privml.he.noise import NoiseModel
+
+        rt = dry_run(gm, plan.input_shape, cfg.layout, best.segment, NoiseModel(best.n, best.scale_bits),
+                     bound, cfg.relu_mask_bits, slots=best.n // 2, cache=cache)
+    _levels_into_layers(plan, rt.log)
