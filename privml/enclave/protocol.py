@@ -10,6 +10,7 @@ no duplicate keys, no indefinite lengths and a bounded nesting depth; anything e
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import socket
@@ -120,9 +121,12 @@ def _thaw(obj: Any) -> Any:
 
 def loads(data: bytes | memoryview) -> Any:
     """Strict CBOR decoding (data items only, exactly one item); MalformedInput on anything else."""
+    fp = io.BytesIO(bytes(data))
     try:
-        obj = cbor2.loads(bytes(data), semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag, max_depth=MAX_DEPTH,
-                          allow_indefinite=False, allow_duplicate_keys=False)
+        obj = cbor2.CBORDecoder(fp, semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag, max_depth=MAX_DEPTH,
+                                allow_indefinite=False, allow_duplicate_keys=False).decode()
+        if fp.read(1):
+            raise MalformedInput("trailing bytes after the CBOR item")
     except MalformedInput:
         raise
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:

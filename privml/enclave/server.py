@@ -297,6 +297,20 @@ def _send(sock: socket.socket, kind: str, seq: int, session: bytes, body: dict) 
     sock.sendall(protocol.encode(kind, seq, session, body))
 
 
+def _hang_up(sock: socket.socket) -> None:
+    """Close after a refusal so the error response is delivered: stop sending, then drain (briefly, bounded)
+    what the peer already sent (closing with unread bytes would reset the connection and drop the answer)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.2)
+        drained = 0
+        while drained < (1 << 20):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+
+
 def _error_body(exc: BaseException) -> dict:
     code = protocol.error_code(exc)
     message = str(exc) if isinstance(exc, PrivmlError) else f"internal error ({type(exc).__name__})"
@@ -324,6 +338,7 @@ def serve_connection(enclave: Enclave, conn: Connection) -> None:
                 _refuse(enclave, conn, "frame", None, exc)
                 with contextlib.suppress(OSError):
                     _send(sock, "error", 0, conn.session or NO_SESSION, _error_body(exc))
+                _hang_up(sock)
                 return
             # session and sequence: hello first, then seq = previous + 1 on the same session
             try:
@@ -344,6 +359,7 @@ def serve_connection(enclave: Enclave, conn: Connection) -> None:
                 _refuse(enclave, conn, msg.kind, msg.body, exc)
                 with contextlib.suppress(OSError):
                     _send(sock, "error", msg.seq, msg.session, _error_body(exc))
+                _hang_up(sock)
                 return
             try:
                 out = HANDLERS[msg.kind](enclave, conn, msg.body)
