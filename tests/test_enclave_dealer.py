@@ -188,3 +188,232 @@ def test_concurrent_parties_get_consistent_shares():
     for i in range(30):
         a, b, c = (add([got[r][i][k] for r in range(3)]) for k in range(3))
         assert torch.equal(a @ b, c)
+
+
+# ----------------------------------------------------------------------------- real enclave, real parties
+# Party functions live at module level so spawned parties can unpickle them.
+
+import time  # noqa: E402
+
+from privml.errors import AttestationError, InvalidInput, PartyFailure  # noqa: E402
+
+# CrypTen's 16-bit fixed point: products of N(0, 1) values are exact to ~1e-4 (truncation)
+PROD_ATOL = 2e-3
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(4, 6, generator=g), torch.randn(6, 3, generator=g)
+
+
+def products_and_relu(ctx) -> dict:  # noqa: ANN001
+    from privml.parties.compat import import_crypten
+
+    crypten = import_crypten()
+    x, w = _inputs()
+    X = crypten.cryptensor(x if ctx.rank == 0 else torch.zeros_like(x), src=0)  # noqa: N806
+    W = crypten.cryptensor(w if ctx.rank == 1 else torch.zeros_like(w), src=1)  # noqa: N806
+    provider = crypten.mpc.get_default_provider()
+    out = {"provider": ctx.provider, "cfg": crypten.cfg.mpc.provider, "class": type(provider).__name__,
+           "product": (X * X).get_plain_text(), "matmul": X.matmul(W).get_plain_text(),
+           "relu": X.relu().get_plain_text(), "square": X.square().get_plain_text()}
+    out["requests"] = provider.requests
+    return out
+
+
+def many_products(ctx, marker: str) -> None:  # noqa: ANN001
+    """Multiplies for up to a minute (one deal per product); writes ``marker`` after the first ones."""
+    from pathlib import Path
+
+    from privml.parties.compat import import_crypten
+
+    crypten = import_crypten()
+    x = crypten.cryptensor(torch.ones(8), src=0)
+    y = crypten.cryptensor(torch.ones(8), src=1)
+    deadline = time.monotonic() + 60
+    i = 0
+    while time.monotonic() < deadline:
+        x = x * y  # a private product: one Beaver triple from the enclave each time
+        i += 1
+        if i == 3 and ctx.rank == 0:
+            Path(marker).write_text("dealing")
+        time.sleep(0.02)
+
+
+def _unused_triple_run(ctx) -> dict:  # noqa: ANN001
+    return {"provider": ctx.provider}
+
+
+@pytest.fixture(scope="module")
+def enclave(tmp_path_factory: pytest.TempPathFactory):
+    from privml.enclave import launch
+
+    proc = launch(tmp_path_factory.mktemp("enclave"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def dealer(enclave):  # noqa: ANN001, ANN201
+    from privml.enclave import expected_measurement
+    from privml.parties.dealer import EnclaveDealer
+
+    return EnclaveDealer(enclave.address, enclave.root_certificate, expected_measurement(enclave.config),
+                         allowed_regions=("eu-central-1",))
+
+
+def test_parties_take_triples_binary_triples_and_b2a_from_the_enclave(enclave, dealer):  # noqa: ANN001
+    from privml.parties.launcher import run_parties
+
+    before = len(_audit_entries(enclave))
+    results = run_parties(products_and_relu, 2, timeout=60, dealer=dealer)
+    assert results.provider == "ENCLAVE" and results.metadata()["provider"] == "ENCLAVE"
+    x, w = _inputs()
+    for r in results:
+        assert r["provider"] == "ENCLAVE" and r["cfg"] == "ENCLAVE" and r["class"] == "EnclaveTupleProvider"
+        torch.testing.assert_close(r["product"], x * x, atol=PROD_ATOL, rtol=0)
+        torch.testing.assert_close(r["square"], x * x, atol=PROD_ATOL, rtol=0)
+        torch.testing.assert_close(r["matmul"], x @ w, atol=PROD_ATOL, rtol=0)
+        torch.testing.assert_close(r["relu"], x.relu(), atol=PROD_ATOL, rtol=0)
+    assert results[0]["requests"] == results[1]["requests"] > 5
+    # the audit log records every deal, per party, by kind
+    deals = [e for e in _audit_entries(enclave)[before:] if e["op"].startswith("deal.")]
+    ops = {e["op"] for e in deals}
+    assert {"deal.triple.mul", "deal.triple.matmul", "deal.square", "deal.binary", "deal.b2a"} <= ops
+    for party in ("party0", "party1"):
+        assert sum(e["actor"] == party for e in deals) == results[0]["requests"]
+
+
+def _audit_entries(enclave) -> list[dict]:  # noqa: ANN001
+    """The enclave's audit log, its chain and signature verified against the attested leaf key."""
+    from privml.enclave import EnclaveClient, expected_measurement, verify_attestation, verify_audit_log
+
+    with EnclaveClient(enclave.address, timeout=10) as client:
+        nonce = os.urandom(32)
+        att = verify_attestation(client.attest(nonce), root_certificate=enclave.root_certificate,
+                                 expected_pcrs=expected_measurement(enclave.config), nonce=nonce,
+                                 allowed_regions=None)
+        nonce = os.urandom(32)
+        entries, signed = client.audit(nonce)
+    verify_audit_log(entries, signed, attestation=att, nonce=nonce)
+    return entries
+
+
+def test_session_runs_a_compiled_mlp_with_the_enclave_dealer(enclave, dealer):  # noqa: ANN001
+    import privml
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    compiled = privml.compile(model, torch.randn(32, 6), backend="mpc")
+    session = privml.Session(compiled.plan, parties=2, dealer="enclave", enclave=dealer, timeout=60)
+    x = torch.randn(5, 6)
+    y = session.decrypt(compiled(session.encrypt(x)))
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), atol=5e-3, rtol=1e-3)
+    assert session.backend.costs()["provider"] == "ENCLAVE"
+    assert any("ENCLAVE" in line and "attest" in line for line in session.backend.trust_statement())
+    # a launched enclave process works too (its measurement computed by this install)
+    assert privml.Session(compiled.plan, dealer="enclave", enclave=enclave).backend.provider == "ENCLAVE"
+    with pytest.raises(InvalidInput, match="needs enclave"):
+        privml.Session(compiled.plan, dealer="enclave")
+    with pytest.raises(InvalidInput, match="conflict"):
+        privml.Session(compiled.plan, dealer="enclave", enclave=dealer, ttp=True)
+    with pytest.raises(InvalidInput, match="needs dealer='enclave'"):
+        privml.Session(compiled.plan, enclave=dealer)
+
+
+def test_a_wrong_measurement_or_root_is_refused_before_any_triple(enclave, dealer, tmp_path):  # noqa: ANN001
+    import dataclasses
+
+    from privml.enclave.attest import manufacture
+    from privml.parties.launcher import run_parties
+
+    wrong_pcr = dataclasses.replace(dealer, expected_pcrs={**dealer.expected_pcrs, 0: bytes(48)})
+    with pytest.raises(AttestationError, match="PCR"):
+        run_parties(_unused_triple_run, 2, timeout=30, dealer=wrong_pcr)  # the launcher checks before spawning
+    other_root = manufacture(tmp_path / "other-vendor")
+    with pytest.raises(AttestationError):
+        dataclasses.replace(dealer, root_certificate=other_root).open_session(2)
+    # each party checks for itself: parties given a wrong measurement refuse before any deal
+    before = len(_audit_entries(enclave))
+    session = dealer.open_session(2, party_secrets=False)
+    with pytest.raises(PartyFailure, match="(?s)AttestationError.*refuses the enclave dealer.*no triple was used"):
+        run_parties(_install_then_multiply, 2, (enclave.address, enclave.root_certificate, wrong_pcr.expected_pcrs,
+                                                session.deal_session), timeout=30)
+    assert not [e for e in _audit_entries(enclave)[before:] if e["op"].startswith("deal.")]
+
+
+def _install_then_multiply(ctx, address: str, root: bytes, pcrs: dict, deal_session: bytes) -> None:  # noqa: ANN001
+    from privml.parties.compat import import_crypten
+    from privml.parties.dealer import install_enclave_provider
+
+    crypten = import_crypten()
+    install_enclave_provider(address, deal_session, root_certificate=root, expected_pcrs=pcrs, timeout=10)
+    x = crypten.cryptensor(torch.ones(3), src=0)
+    (x * x).get_plain_text()
+
+
+def test_mismatched_requests_are_refused_by_the_enclave_process(enclave, dealer):  # noqa: ANN001
+    """Two parties whose first requests differ (over the real protocol): the second is refused, then both."""
+    from privml.enclave import EnclaveClient
+
+    session = dealer.open_session(2)
+
+    def body(party: int, n: int, sizes: list) -> dict:
+        return {"deal_session": session.deal_session, "party": party, "party_key": session.party_keys[party],
+                "request": n, "kind": "triple", "op": "matmul", "sizes": sizes}
+
+    with EnclaveClient(enclave.address, timeout=10) as c0, EnclaveClient(enclave.address, timeout=10) as c1:
+        c0.request("deal", body(0, 0, [[2, 3], [3, 4]]))
+        with pytest.raises(AttestationError, match="differs from what another party asked for at 0"):
+            c1.request("deal", body(1, 0, [[2, 3], [3, 5]]))
+        with pytest.raises(AttestationError, match="session was closed"):
+            c0.request("deal", body(0, 1, [[2, 3], [3, 4]]))
+        with pytest.raises(AttestationError, match="key does not match"):  # the other party's slot
+            c1.request("deal", {**body(1, 0, [[1, 1], [1, 1]]), "party_key": session.party_keys[0]})
+    # and inside CrypTen parties: a party whose computation differs makes the run fail, naming the dealer
+    from privml.parties.launcher import run_parties
+
+    with pytest.raises(PartyFailure, match="enclave dealer refused"):
+        run_parties(_different_sizes, 2, timeout=30, dealer=dealer)
+
+
+def _different_sizes(ctx) -> None:  # noqa: ANN001
+    from privml.parties.compat import import_crypten
+
+    crypten = import_crypten()
+    provider = crypten.mpc.get_default_provider()
+    provider.generate_additive_triple((2, 2 + ctx.rank), (2, 2 + ctx.rank), "mul")  # sizes differ by party
+    crypten.comm.get().barrier()
+    provider.generate_additive_triple((2, 2), (2, 2), "mul")
+
+
+def test_a_dead_enclave_is_a_party_failure_within_the_timeout(tmp_path):  # noqa: ANN001
+    from privml.enclave import launch
+    from privml.parties.dealer import EnclaveDealer
+    from privml.parties.launcher import run_parties
+
+    proc = launch(tmp_path / "dying")
+    marker = tmp_path / "marker"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            run_parties(many_products, 2, (str(marker),), timeout=15, dealer=EnclaveDealer.coerce(proc))
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+        result["end"] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert marker.exists(), result
+    proc.kill()
+    killed = time.monotonic()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert isinstance(result.get("error"), PartyFailure), result
+    assert "enclave" in str(result["error"])
+    assert result["end"] - killed < 15 + 10  # the parties' timeout plus shutdown, not a hang

@@ -368,15 +368,15 @@ class Dealer:
         _check_cost(spec)
         with session.lock:
             session.last_used = time.monotonic()
-            if session.failed is not None:
-                raise DealError(f"deal: this dealing session was closed: {session.failed}")
             digest = hashlib.sha256(key).digest()
             bound = session.party_keys[party]
-            if bound is None:
-                session.party_keys[party] = digest  # trust on first use
-            elif not hmac.compare_digest(bound, digest):
+            if bound is not None and not hmac.compare_digest(bound, digest):
                 raise DealError(f"deal: party {party}'s key does not match the one this session holds for it "
                                 "(another process may be using its slot)")
+            if session.failed is not None:
+                raise DealError(f"deal: this dealing session was closed: {session.failed}")
+            if bound is None:
+                session.party_keys[party] = digest  # trust on first use
             expected = session.next_request[party]
             if n != expected:
                 raise DealError(f"deal: party {party} asked for request {n} but its next request is {expected} "

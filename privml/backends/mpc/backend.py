@@ -55,7 +55,9 @@ class MPCBackend:
     ``weight_party`` secret-shares the model's weights (None: the weights are public to every
     party, which makes linear layers local and cheaper), ``output_party`` is the only party that
     learns the output (None: the data party). ``ttp=True`` adds CrypTen's dealer process for the
-    Beaver triples instead of letting party 0 make them. ``timeout`` bounds every wait on another
+    Beaver triples instead of letting party 0 make them; ``dealer="enclave"`` with ``enclave=`` (a
+    :class:`privml.parties.dealer.EnclaveDealer` or a launched enclave) takes them from the attested
+    enclave (provider "ENCLAVE"). ``timeout`` bounds every wait on another
     party (a dead or silent party raises ``PartyFailure``).
     """
 
@@ -63,7 +65,7 @@ class MPCBackend:
 
     def __init__(self, plan: Any = None, parties: int = 2, data_party: int = 0, weight_party: int | None = 1,
                  output_party: int | None = None, timeout: float = 120.0, ttp: bool = False,
-                 range_margin: float = 2.0) -> None:
+                 range_margin: float = 2.0, dealer: str = "tfp", enclave: Any = None) -> None:
         if not isinstance(parties, int) or parties < 2:
             raise InvalidInput(f"privml: the mpc backend needs parties >= 2, got {parties!r}")
         for what, r in (("data_party", data_party), ("weight_party", weight_party), ("output_party", output_party)):
@@ -75,7 +77,16 @@ class MPCBackend:
         self.weight_party = weight_party
         self.output_party = data_party if output_party is None else output_party
         self.timeout = float(timeout)
-        self.ttp = bool(ttp)
+        self.ttp = bool(ttp) or dealer == "ttp"
+        # the attested enclave as dealer of Beaver triples (privml.parties.dealer); None: TFP or TTP
+        self.enclave_dealer = None
+        if dealer == "enclave" or enclave is not None:
+            if self.ttp or dealer != "enclave" or enclave is None:
+                raise InvalidInput("privml: the enclave deals Beaver triples with dealer='enclave' and enclave=... "
+                                   "together (and without ttp=True)")
+            from privml.parties.dealer import EnclaveDealer
+
+            self.enclave_dealer = EnclaveDealer.coerce(enclave)
         self.runs: list[dict[str, Any]] = []
         self.range_notes = check_fixed_point(plan, margin=range_margin) if plan is not None else []
         for note in self.range_notes:
@@ -83,7 +94,7 @@ class MPCBackend:
 
     @property
     def provider(self) -> str:
-        return "TTP" if self.ttp else "TFP"
+        return "ENCLAVE" if self.enclave_dealer is not None else "TTP" if self.ttp else "TFP"
 
     @property
     def roles(self) -> list[str]:
@@ -138,6 +149,10 @@ class MPCBackend:
                    "secure deployment.",
             "TTP": "Beaver triples: TTP: a separate dealer process generates the triples; it sees no inputs, but "
                    "must not collude with any party.",
+            "ENCLAVE": "Beaver triples: ENCLAVE: the attested enclave deals the triples (each party verifies its "
+                       "attestation: PCRs, certificate chain, fresh nonce, before using one) and logs every deal in "
+                       "its audit log; it sees no inputs, but knows the triples, so it must not collude with any "
+                       "party.",
         }[self.provider]
         weights = (f"party {self.weight_party} secret-shares the model weights; the other parties hold only their "
                    "shares (uniformly random ring elements) and the architecture." if self.weight_party is not None

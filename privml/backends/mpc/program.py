@@ -137,7 +137,7 @@ class Program:
         from privml.parties.launcher import run_parties
 
         results = run_parties(replay_party, b.parties, (skeleton,), timeout=b.timeout, ttp=b.ttp,
-                              roles=b.roles, rank_args=rank_args)
+                              roles=b.roles, rank_args=rank_args, dealer=getattr(b, "enclave_dealer", None))
         reader = b.output_party if b.output_party is not None else 0
         value = results[reader]["output"]
         self.costs = combine_summaries([r["costs"] for r in results])
