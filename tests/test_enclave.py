@@ -139,8 +139,15 @@ def test_state_survives_a_crash_and_other_configurations_cannot_unseal(tmp_path,
             assert left == 8
         sealed = state / "sealed" / f"{receipt.key_id}.bin"
         assert sealed.exists() and (sealed.stat().st_mode & 0o777) == 0o600
+        assert (state / "sealed" / f"{receipt.key_id}.ctr").exists()
         proc.kill()
         assert not proc.alive()
+        proc.restart()
+        with EnclaveClient(proc.address) as c:
+            assert c.status()["keys"][receipt.key_id]["budget_left"] == 8  # from the sealed counter
+        proc.kill()
+        # a host deleting (or rolling back) the counter does not refill the budget: the audit log witnesses it
+        (state / "sealed" / f"{receipt.key_id}.ctr").unlink()
         proc.restart()
         with EnclaveClient(proc.address) as c:
             assert c.status()["keys"][receipt.key_id]["budget_left"] == 8  # budget used persisted
@@ -152,7 +159,7 @@ def test_state_survives_a_crash_and_other_configurations_cannot_unseal(tmp_path,
             nonce = os.urandom(16)
             entries, signed = c.audit(nonce)
             verify_audit_log(entries, signed, attestation=att, nonce=nonce)  # one chain across the restart
-            assert [e["op"] for e in entries].count("start") == 2
+            assert [e["op"] for e in entries].count("start") == 3
     finally:
         proc.stop()
 
