@@ -177,3 +177,32 @@ def test_state_survives_a_crash_and_other_configurations_cannot_unseal(tmp_path,
     finally:
         other.stop()
     assert (copy / "sealed" / f"{receipt.key_id}.bin").exists()  # never deleted, only unusable
+
+
+def test_concurrent_clients(enclave, key, ctx):
+    import threading
+
+    _, receipt = key
+    data = dump_ciphertexts(ctx, [low_level(ctx, [0.75, -0.75])])
+    with EnclaveClient(enclave.address) as c:
+        before = c.status()["keys"][receipt.key_id]["budget_left"]
+    results, errors = [], []
+
+    def worker():
+        try:
+            with EnclaveClient(enclave.address) as c:
+                for _ in range(2):
+                    out, _ = c.refresh(receipt.key_id, receipt.server_token, "relu", data, 1)
+                    results.append(ctx.decrypt(load_ciphertexts(ctx, out)[0])[:2])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 6
+    assert all(np.abs(r - [0.75, 0.0]).max() <= BOUND for r in results)
+    with EnclaveClient(enclave.address) as c:
+        assert c.status()["keys"][receipt.key_id]["budget_left"] == before - 6

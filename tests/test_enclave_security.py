@@ -657,3 +657,17 @@ def test_dead_or_hung_enclave_is_a_party_failure_in_time(tmp_path):
             EnclaveClient(proc.address, timeout=1.0)
     finally:
         proc.kill()
+
+
+def test_launch_that_is_not_ready_in_time_is_a_party_failure(tmp_path):
+    with pytest.raises(PartyFailure, match="did not become ready"):
+        launch(tmp_path / "slow", timeout=0.01)
+
+
+def test_audit_verification_rejects_garbage_keys_and_entries(client):
+    nonce = os.urandom(16)
+    entries, signed = client.audit(nonce)
+    with pytest.raises(AuditLogError):
+        verify_audit_log(entries, signed, leaf_public_key=b"not a certificate", nonce=nonce)
+    with pytest.raises(AuditLogError):
+        verify_audit_log(entries, signed, nonce=nonce)

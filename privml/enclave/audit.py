@@ -28,8 +28,6 @@ from privml.errors import AttestationError, AuditLogError, MalformedInput
 
 GENESIS = bytes(32)
 ENTRY_FIELDS = ("index", "time", "actor", "op", "key_id", "mode", "count", "budget_left", "prev")
-OPS = frozenset({"attest", "provision", "refresh", "refuse", "audit", "status", "deal_open", "deal", "start",
-                 "unseal_failed"})
 _LEN = struct.Struct(">I")
 
 
@@ -121,11 +119,16 @@ def verify_audit_log(entries: Sequence[dict], signed_head: bytes, *,
         key: Any = attestation.leaf_public_key
     elif isinstance(leaf_public_key, (bytes, bytearray)):
         raw = bytes(leaf_public_key)
-        cert = x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----") \
-            else x509.load_der_x509_certificate(raw)
+        try:
+            cert = x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----") \
+                else x509.load_der_x509_certificate(raw)
+        except ValueError as exc:
+            raise AuditLogError(f"leaf_public_key: not a PEM or DER certificate ({exc})") from exc
         key = cert.public_key()
     else:
         key = leaf_public_key
+    if not isinstance(entries, Sequence) or isinstance(entries, (bytes, str)):
+        raise AuditLogError("entries must be a list of audit entries")
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise AuditLogError("verify_audit_log needs the enclave's leaf public key or a verified attestation")
     try:
