@@ -158,7 +158,7 @@ class EnclaveClient:
         return self.request("status", {})
 
 
-def attest_and_provision(client: EnclaveClient, *, root_certificate: bytes | str, region_allowed: Sequence[str],
+def attest_and_provision(client: EnclaveClient, *, root_certificate: bytes | str, region_allowed: Sequence[str] | None,
                          secret_context: bytes, policy: Policy, config: EnclaveConfig | None = None,
                          key_id: str | None = None, max_age_s: float = 300) -> tuple[Attestation, Receipt]:
     """Fresh nonce, attestation verified against this install's measurement (and ``config``'s PCR1 when
