@@ -52,3 +52,25 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.block1(self.stem(x)))
         return self.fc(self.flatten(self.pool(x)))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR-10 ResNet-20 of He et al. (2016): stem conv+BN+ReLU, 3 stages of 3 basic blocks with 16/32/64
+    channels (stride 2 between stages), global average pooling, Linear. Input (N, 3, 32, 32)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        layers: list[nn.Module] = []
+        width = 16
+        for out, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                layers.append(BasicBlock(width, out, stride if i == 0 else 1))
+                width = out
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))

@@ -147,7 +147,10 @@ class Runtime:
     def slots(self) -> int:
         return self.ctx.slots
 
-    def affine_of(self, key: tuple, fn: Callable, sample_shape: tuple[int, ...]) -> tuple:
+    def affine_of(self, key: tuple, fn: Callable, sample_shape: tuple[int, ...], abs_fn: Callable | None = None
+                  ) -> tuple:
+        """(W, b, output shape) of ``fn``, cached; ``abs_fn`` (the same op on |weights|) lets keyless dry runs
+        bound large maps without building them."""
         hit = self._affine_cache.get(key)
         if hit is None:
             hit = self._affine_cache[key] = extract_affine(fn, sample_shape)
@@ -191,7 +194,8 @@ class Runtime:
             mv = self._matvec_cache[key] = DiagonalMatVec(weight, affine.bias, self.slots)
         return [mv.apply(self.ctx, ct) for ct in payload]
 
-    def poly(self, payload: list, coeffs: list[float]) -> list:
+    def poly(self, payload: list, coeffs: list[float], input_bound: float | None = None) -> list:
+        """Evaluate the polynomial on every ciphertext (``input_bound``: max |input|, for keyless noise bounds)."""
         from privml.he.kernels import eval_poly
 
         _not_expanded(payload)
@@ -258,7 +262,7 @@ class DryRuntime(Runtime):
             self.rotation_steps |= mv.rotation_steps()
         return self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, payload + 1)
 
-    def poly(self, payload: int, coeffs: list[float]) -> int:
+    def poly(self, payload: int, coeffs: list[float], input_bound: float | None = None) -> int:
         from privml.he.kernels import poly_depth
 
         if payload == 0:
@@ -361,9 +365,22 @@ def _affine(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor
         with torch._C.DisableTorchFunctionSubclass():
             return target(*tree_map(swap, args), **tree_map(swap, kwargs))
 
+    def per_sample_abs(z: torch.Tensor) -> torch.Tensor:  # the op on |weights|: |W| z (plus some bias)
+        def swap(a: object) -> object:
+            if a is x:
+                return z
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                return a.detach().double().abs()
+            if isinstance(a, float):
+                return abs(a)
+            return a
+
+        with torch._C.DisableTorchFunctionSubclass():
+            return target(*tree_map(swap, args), **tree_map(swap, kwargs))
+
     sample_shape = tuple(x.shape[1:])
     key = (op_name(func), _arg_key(args), _arg_key(kwargs), sample_shape)
-    w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape)
+    w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape, abs_fn=per_sample_abs)
     step = Affine(w, b, (key,), (current_module() or op_name(func),))
     pending = step if x.pending is None else x.pending.then(step)
     return type(x)(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
@@ -478,13 +495,16 @@ def _poly_of(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None =
     c = [float(v) for v in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs)]
     if not np.all(np.isfinite(c)):
         raise InvalidInput("privml: polynomial coefficients contain NaN or inf")
+    bound = None
     if domain is not None and x.pending is not None:
         alpha, beta = to_unit_interval(domain)
         x = _affine(torch.add, (), (_affine(torch.mul, (), (x, alpha), {}), beta), {})
+        bound = 1.0  # the polynomial now runs on t in [-1, 1]
     elif domain is not None:
         c = coeffs_in_x(c, domain).tolist()
+        bound = max(abs(float(domain[0])), abs(float(domain[1])))
     x = x.materialized()
-    return x.with_payload(x.runtime.poly(x.payload, c))
+    return x.with_payload(x.runtime.poly(x.payload, c, input_bound=bound))
 
 
 @CKKSTensor.implements("polyval")

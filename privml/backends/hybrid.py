@@ -163,7 +163,7 @@ class HybridRuntime(Runtime):
     def apply_affine(self, payload: list, affine: Affine) -> list:
         return super().apply_affine(self.fit(payload, 1), affine)
 
-    def poly(self, payload: list, coeffs: list[float]) -> list:
+    def poly(self, payload: list, coeffs: list[float], input_bound: float | None = None) -> list:
         from privml.he.kernels import poly_depth
 
         degree = max((i for i, c in enumerate(coeffs) if c), default=0)
@@ -198,13 +198,55 @@ class RefreshPoint:
     ciphertexts: int
 
 
-def _inf_norm(w: np.ndarray) -> float:
+DENSE_LIMIT = 4096  # throughput dry runs of larger maps keep norms only (a dense 16384^2 map is 2 GB)
+
+
+class NormOnly:
+    """A linear map known only by its shape and bounds on its norms (max row |w| sum, max row 2-norm).
+
+    Composition multiplies the bounds (``||AB|| <= ||A|| ||B||``), so a fused chain stays a valid bound;
+    biases are dropped (noise and errors do not depend on them)."""
+
+    __array_ufunc__ = None  # numpy defers `dense @ NormOnly` to __rmatmul__
+
+    def __init__(self, shape: tuple[int, int], norm: float, l2: float) -> None:
+        self.shape, self.norm, self.l2 = shape, norm, l2
+        self.size = shape[0] * shape[1]
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, NormOnly) or (isinstance(other, np.ndarray) and other.ndim == 2):
+            return NormOnly((self.shape[0], other.shape[1]), self.norm * _inf_norm(other), self.norm * _row_l2(other))
+        return np.zeros(self.shape[0])  # a bias: dropped
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if isinstance(other, np.ndarray) and other.ndim == 2:
+            return NormOnly((other.shape[0], self.shape[1]), _inf_norm(other) * self.norm, _inf_norm(other) * self.l2)
+        return NotImplemented
+
+
+def _norm_only(fn: Any, abs_fn: Any, sample_shape: tuple[int, ...]) -> tuple[NormOnly, float, tuple[int, ...]]:
+    """Bounds of a per-sample linear map from one evaluation of its |weights| version on a ones vector."""
+    with torch.no_grad():
+        ones = torch.ones((1, *sample_shape), dtype=torch.float64)
+        zeros = torch.zeros((1, *sample_shape), dtype=torch.float64)
+        rows = (abs_fn(ones) - abs_fn(zeros)).abs().reshape(-1)
+    n, m = int(np.prod(sample_shape)), int(rows.numel())
+    out_shape = tuple(fn(zeros).shape[1:])
+    norm = float(rows.max()) if m else 0.0
+    return NormOnly((m, n), norm, norm), np.zeros(m), out_shape
+
+
+def _inf_norm(w: Any) -> float:
     """Largest row sum of |w|: how much a worst-case slot error can grow."""
+    if isinstance(w, NormOnly):
+        return w.norm
     return float(np.abs(w).sum(axis=1).max()) if w.size else 0.0
 
 
-def _row_l2(w: np.ndarray) -> float:
+def _row_l2(w: Any) -> float:
     """Largest row 2-norm: how much the standard deviation of independent slot errors can grow."""
+    if isinstance(w, NormOnly):
+        return w.l2
     return float(np.sqrt((w * w).sum(axis=1)).max()) if w.size else 0.0
 
 
@@ -242,6 +284,16 @@ class HybridDryRuntime(Runtime):
     @property
     def slots(self) -> int:
         return self._slots
+
+    def affine_of(self, key: tuple, fn: Any, sample_shape: tuple[int, ...], abs_fn: Any = None) -> tuple:
+        """Dense maps where the layout needs their diagonals; in the throughput layout, large maps by norms only."""
+        n = int(np.prod(sample_shape)) if sample_shape else 1
+        if self.layout == "throughput" and abs_fn is not None and n > DENSE_LIMIT:
+            hit = self._affine_cache.get(("norm",) + key)
+            if hit is None:
+                hit = self._affine_cache[("norm",) + key] = _norm_only(fn, abs_fn, sample_shape)
+            return hit
+        return super().affine_of(key, fn, sample_shape)
 
     def _count(self, shape_numel: int) -> int:
         """Ciphertexts of one payload (latency: one per sample; throughput: one per feature)."""
@@ -293,13 +345,13 @@ class HybridDryRuntime(Runtime):
         self._width = m
         return out
 
-    def poly(self, payload: Track, coeffs: list[float]) -> Track:
+    def poly(self, payload: Track, coeffs: list[float], input_bound: float | None = None) -> Track:
         from privml.he.kernels import poly_depth, poly_mult_count
 
         degree = max((i for i, c in enumerate(coeffs) if c != 0.0), default=0)
         k = poly_depth(degree)
         t = self.fit(payload, k, self._width)
-        x = self.bound
+        x = 1.25 * input_bound if input_bound is not None else self.bound  # inputs may leave the interval a little
         slope = sum(i * abs(c) * x ** (i - 1) for i, c in enumerate(coeffs) if i)
         size = sum(abs(c) * x**i for i, c in enumerate(coeffs))
         extra = poly_mult_count(coeffs) * (self.noise.ks + self.noise.rs) * max(1.0, size)
@@ -483,8 +535,9 @@ class HybridBackend:
             + (f", and positively masked values (factor <= 2^{hy['relu_mask_bits']}) in exact ReLUs: it learns "
                "each activation's sign" if relu else "") + ". If it is compromised, every ciphertext under this key "
             "is exposed; side channels are the known weakness of SGX-class enclaves.",
-            f"flooding: every refresh adds Gaussian noise of sigma {hy['flood_sigma']:.3g} (s={hy['flood_security_bits']}"
-            f", alpha={hy['decryption_budget']} decryptions per key); the enclave logs and budgets every decryption.",
+            f"flooding: every refresh adds Gaussian noise of sigma {hy['flood_sigma']:.3g} "
+            f"(s={hy['flood_security_bits']}, alpha={hy['decryption_budget']} decryptions per key); the enclave "
+            "logs and budgets every decryption.",
         ]
 
     def close(self) -> None:
