@@ -180,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from privml.train import train_or_load
 
     t0 = time.perf_counter()
-    print(f"[1/4] training or loading the digits CNN ({args.config})", flush=True)
+    print(f"[1/5] training or loading the digits CNN ({args.config})", flush=True)
     model, dm = train_or_load(args.config, allowed=args.allow_module)
     x, y = _tensors(dm.test_set, args.limit)
     calib, _ = _tensors(dm.train_set, 512)
@@ -196,12 +196,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         reports.append(report)
         report.write(args.report_dir, stem)
 
-    print("[2/4] plain backend (clear reference, no protection)", flush=True)
+    print("[2/5] plain backend (clear reference, no protection)", flush=True)
     run("      ", privml.compile(model, calib, backend="plain"), model, len(x), 64, "demo_plain")
     if not args.quick:
-        print("[3/4] MPC backend: 2 real party processes (CrypTen), exact ReLU", flush=True)
+        print("[3/5] MPC backend: 2 real party processes (CrypTen), exact ReLU", flush=True)
         run("      ", privml.compile(model, calib, backend="mpc"), model, len(x), len(x), "demo_mpc", parties=2)
-        print(f"[4/4] CKKS backend after approximation-aware fine-tuning ({args.finetune_config})", flush=True)
+        print(f"[4/5] CKKS backend after approximation-aware fine-tuning ({args.finetune_config})", flush=True)
         tuned, _ = train_or_load(args.finetune_config, allowed=args.allow_module)
         for layout, n, batch in (("throughput", len(x), len(x)), ("latency", min(len(x), args.latency_samples), 1)):
             # 14 fractional bits are plenty for argmax over logits and keep the ring at N=16384 (20 needs 32768)
@@ -210,7 +210,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"      {layout} layout: depth {params['depth']}, N={params['poly_modulus_degree']}, "
                   f"{params['security_bits']}-bit security", flush=True)
             run("      ", compiled, model, n, batch, f"demo_ckks_{layout}")
-    print("\n=== privml demo: digits CNN (clear accuracy is the original ReLU model's) ===")
+        print(f"[5/5] hybrid backend: LeNet-5 (ReLU, 28x28 digits) with an attested enclave refreshing ciphertexts "
+              f"({args.hybrid_config})", flush=True)
+        lenet, ldm = train_or_load(args.hybrid_config, allowed=args.allow_module)
+        lx, ly = _tensors(ldm.test_set, args.latency_samples)
+        lcalib, _ = _tensors(ldm.train_set, 256)
+        compiled = privml.compile(lenet, lcalib, backend="hybrid")
+        params = compiled.plan.params
+        print(f"      N={params['poly_modulus_degree']} {params['ckks']['coeff_mod_bit_sizes']}, "
+              f"{len(params['hybrid']['refreshes'])} enclave round trips per image, flooding sigma "
+              f"{params['hybrid']['flood_sigma']:.3g}", flush=True)
+        print(f"      private evaluation on {len(lx)} test images", flush=True)
+        report = evaluate(compiled, lenet, lx, ly, name="lenet5", batch_size=1)
+        report.options["layout"] = "latency"
+        reports.append(report)
+        report.write(args.report_dir, "demo_hybrid_lenet5")
+    print("\n=== privml demo: digits CNN, LeNet-5 (clear accuracy is the original ReLU model's) ===")
     for r in reports:
         print(r.short())
     print(f"reports in {args.report_dir}/ (JSON + Markdown); total {time.perf_counter() - t0:.1f} s")
@@ -272,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="approximation-aware fine-tuning config used for the CKKS runs")
     d.add_argument("--limit", type=int, help="use only the first N test images")
     d.add_argument("--latency-samples", type=int, default=4, help="images for the (slower) latency-layout run")
+    d.add_argument("--hybrid-config", default="configs/lenet5_digits28.yaml", help="model of the hybrid run")
     d.add_argument("--quick", action="store_true", help="plain backend only (no MPC, no CKKS)")
     d.add_argument("--report-dir", default="artifacts/reports")
     d.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)

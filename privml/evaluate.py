@@ -23,7 +23,17 @@ def evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tenso
     the full cost of going private. Samples whose inputs or outputs leave their calibrated ranges are
     evaluated anyway and listed in the report (``out_of_range_inputs``/``_outputs``), with one warning.
     """
+    own = session is None
     session = session or Session(compiled.plan, **{"out_of_range": "warn", **session_options})
+    try:
+        return _evaluate(compiled, reference, x, y, name, batch_size, session, progress, session_options)
+    finally:
+        if own:
+            session.close()  # a session it opened (hybrid: the enclave it started)
+
+
+def _evaluate(compiled: CompiledModel, reference: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, name: str,
+              batch_size: int, session: Session, progress: bool, session_options: dict) -> EvalReport:
     reference = reference.eval()
     with torch.no_grad():
         clear_logits = reference(x)

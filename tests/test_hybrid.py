@@ -138,7 +138,8 @@ def test_server_holds_no_secret_key_and_refreshes_through_the_enclave(mlp_plan):
         with pytest.raises(KeyMaterialError):
             from privml.he.serialize import dump_context
 
-            HybridServer(compiled.plan, dump_context(s.backend.ctx, include_secret=True), s.backend.server_credentials())
+            secret_ctx = dump_context(s.backend.ctx, include_secret=True)
+            HybridServer(compiled.plan, secret_ctx, s.backend.server_credentials())
     assert (y - model(x[:2])).abs().max() <= compiled.plan.params["hybrid"]["output_error_bound"]
 
 
