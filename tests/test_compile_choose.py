@@ -251,16 +251,18 @@ def test_hybrid_places_enclave_refreshes_to_fit_the_segment_depth() -> None:
         layers += [nn.Linear(6, 6), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(6, 2))
     calib = torch.randn(128, 6)
-    # the approximation pass plans hybrid already; privml.compile refuses backend="hybrid" until its backend exists
+    # polynomial ReLUs (enclave_activations=False); by default the enclave evaluates ReLU and no site is left
     gm, _ = fix(model, calib[:64])
     stats = calibrate(gm, [calib], (6,))
-    deep = choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=8)  # 4 x (1 + 3) + 1 levels
+    assert choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=8).sites == []
+    poly = {"enclave_activations": False, "degree": 7}
+    deep = choose(gm, stats, "hybrid", calib, refresh_depth=8, **poly)  # 4 x (1 + 3) + 1 levels
     assert len(deep.refresh_points) == 2
     assert max(deep.levels.values()) <= 8
-    roomy = choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=17)
+    roomy = choose(gm, stats, "hybrid", calib, refresh_depth=17, **poly)
     assert roomy.refresh_points == []
     with pytest.raises(BudgetError, match="refresh"):
-        choose(gm, stats, "hybrid", calib, degree=7, refresh_depth=3)
+        choose(gm, stats, "hybrid", calib, refresh_depth=3, **poly)
 
 
 # --------------------------------------------------------------------------------------------- budgets

@@ -124,16 +124,18 @@ def test_plan_json_round_trip_keeps_the_config() -> None:
         Plan.from_dict(bad)
 
 
-def test_the_backends_are_declared_once_and_hybrid_is_refused() -> None:
+def test_the_backends_are_declared_once_and_unknown_ones_are_refused() -> None:
     from privml.compiler.validate import BACKENDS
 
-    assert tuple(CONFIGS) == tuple(SESSION_CONFIGS) == BACKENDS == privml.BACKENDS == ("plain", "ckks", "mpc")
-    with pytest.raises(InvalidInput, match="backend 'hybrid' is not available in this privml version"):
-        privml.compile(_mlp(), CALIB, backend="hybrid")
+    assert (tuple(CONFIGS) == tuple(SESSION_CONFIGS) == BACKENDS == privml.BACKENDS
+            == ("plain", "ckks", "mpc", "hybrid"))
+    with pytest.raises(InvalidInput, match="backend 'tee' is not available in this privml version"):
+        privml.compile(_mlp(), CALIB, backend="tee")
     with pytest.raises(InvalidInput, match="did you mean 'ckks'"):
         privml.compile(_mlp(), CALIB, backend="ckk")
-    with pytest.raises(InvalidInput, match="'hybrid' is not available"):
-        load_backend("hybrid")
+    with pytest.raises(InvalidInput, match="'fhe' is not available"):
+        load_backend("fhe")
+    assert load_backend("hybrid").HybridTensor.backend_name == "hybrid"
 
 
 class _RowsModule(L.LightningDataModule):
