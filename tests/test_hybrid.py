@@ -199,12 +199,13 @@ def test_deep_relu_models_run_at_n_16384_and_match_the_clear_model(which):
                           else _trained(SmallResNet(), epochs=3, dataset="digits"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = privml.compile(model, calib, backend="hybrid")
+        # 16 decryptions per key (a fresh key per few images) keep the flooding below the logit margins
+        compiled = privml.compile(model, calib, backend="hybrid", decryption_budget=16)
     p = compiled.plan.params
     assert p["poly_modulus_degree"] <= 16384 and p["security_bits"] == 128
     with privml.Session(compiled.plan, out_of_range="warn") as s:
-        y = s.decrypt(compiled(s.encrypt(test[:2])))
-    ref = model(test[:2])
+        y = s.decrypt(compiled(s.encrypt(test[:1])))
+    ref = model(test[:1])
     assert (y - ref).abs().max() <= p["hybrid"]["output_error_bound"]
     assert torch.equal(y.argmax(1), ref.argmax(1))
 
