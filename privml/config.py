@@ -357,6 +357,8 @@ class HybridSessionConfig(SessionConfig):
     rate_limit: float = option(1e6, "ciphertexts per second the enclave may decrypt for this key", min=0)
     timeout: float = option(60.0, "seconds to wait for the enclave before PartyFailure", min=0)
     release: bool = option(False, "flood the client's own decryptions too (outputs shown to others)")
+    rekey: bool = option(True, "provision a fresh key when this one's decryption budget cannot cover the next batch "
+                         "(False: DecryptionBudgetExhausted)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -110,18 +110,31 @@ def test_refresh_round_trip_restores_the_top_level(mlp_plan):
         assert abs(ctx.decrypt(relu)[:64] - values.clip(min=0)).max() <= tol
 
 
-def test_budget_stops_refreshes_with_a_clear_error():
+def test_budget_stops_refreshes_with_a_clear_error_or_rotates_the_key():
     model, x = _mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = privml.compile(model, x, backend="hybrid", decryption_budget=8)
-    with privml.Session(compiled.plan) as s:
-        s.decrypt(compiled(s.encrypt(x[:1])))
-        left = s.backend.runtime.refresher.stats.budget_left
-        with pytest.raises(DecryptionBudgetExhausted, match="budget"):
-            for _ in range(8):
-                compiled(s.encrypt(x[:1]))
-        assert s.backend.runtime.refresher.stats.budget_left <= left
+    per_sample = sum(r["ciphertexts"] for r in compiled.plan.params["hybrid"]["refreshes"])
+    assert 8 // per_sample >= 1
+    with privml.Session(compiled.plan, rekey=False) as s:
+        for _ in range(8 // per_sample):
+            s.decrypt(compiled(s.encrypt(x[:1])))
+        with pytest.raises(DecryptionBudgetExhausted, match="rotate_keys"):  # refused before any work
+            s.encrypt(x[:1])
+        refresher = s.backend.runtime.refresher
+        left = refresher.stats.budget_left
+        ct = s.backend.ctx.encrypt_symmetric([0.5])
+        with pytest.raises(DecryptionBudgetExhausted, match="budget"):  # the enclave itself refuses too
+            refresher.refresh([ct] * (left + 1))
+        with pytest.raises(InvalidInput, match="decryption_budget"):  # a batch no key could cover
+            s.encrypt(x[:9])
+    with privml.Session(compiled.plan) as s:  # rekey=True: a fresh key when the budget runs out
+        outs = [compiled(s.encrypt(x[i:i + 1])) for i in range(3 * (8 // per_sample) + 1)]
+        ys = torch.cat([s.decrypt(o) for o in outs])  # results under every key still decrypt
+        assert s.backend.keys_used >= 3
+        assert s.backend.costs()["refreshed ciphertexts"] == per_sample * len(outs)
+    assert (ys - model(x[:len(outs)])).abs().max() <= compiled.plan.params["hybrid"]["output_error_bound"]
 
 
 def test_server_holds_no_secret_key_and_refreshes_through_the_enclave(mlp_plan):

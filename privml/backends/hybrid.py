@@ -40,7 +40,7 @@ from privml.backends.ckks import (
     dumps,
     loads,
 )
-from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
+from privml.errors import DecryptionBudgetExhausted, InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
 from privml.tensor import current_module
 
 FLOOR = 1  # lowest level data may reach (level 0 stays unused: headroom for masks)
@@ -429,14 +429,17 @@ class HybridBackend:
     name = "hybrid"
 
     def __init__(self, plan: Any, enclave: Any = None, allowed_regions: tuple[str, ...] | None = ("eu-central-1",),
-                 rate_limit: float = 1e6, timeout: float = 60.0, release: bool = False) -> None:
+                 rate_limit: float = 1e6, timeout: float = 60.0, release: bool = False, rekey: bool = True) -> None:
         from privml import enclave as enc
-        from privml.he.context import CKKSContext
-        from privml.he.serialize import dump_context
 
-        params, steps, layout, hy = _hybrid_params(plan)
+        self.params, self.steps, self.layout, hy = _hybrid_params(plan)
         self.plan = plan
         self.release = release
+        self.rekey = rekey
+        self.rate_limit = rate_limit
+        self.allowed_regions = allowed_regions
+        self.budget = int(hy["decryption_budget"])
+        self.per_sample = sum(int(r["ciphertexts"]) for r in hy.get("refreshes", []))
         self._own = None
         if enclave is None:
             import tempfile
@@ -445,31 +448,72 @@ class HybridBackend:
             region = allowed_regions[0] if allowed_regions else "eu-central-1"
             enclave = self._own = enc.launch(self._tmp.name, region=region, timeout=timeout)
         self.enclave = enclave
-        self.ctx = CKKSContext.generate(params, steps)
-        self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.client = enc.EnclaveClient(enclave.address, timeout=timeout)
-        secret = CKKSContext(self.ctx.keys.__class__(params, self.ctx.keys.seal_context, self.ctx.keys.public_key,
-                                                     self.ctx.keys.relin_keys, self.ctx.keys.galois_keys, (),
-                                                     self.ctx.keys.secret_key, self.ctx.fingerprint))
-        regions = tuple(allowed_regions) if allowed_regions else (enclave.region,)
-        policy = enclave_policy(plan, rate_limit, regions)
-        pinned = enc.EnclaveConfig(region=enclave.region) if self._own is not None else None  # PCR1 too
-        self.attestation, self.receipt = enc.attest_and_provision(
-            self.client, root_certificate=enclave.root_certificate, region_allowed=allowed_regions,
-            secret_context=dump_context(secret, include_secret=True), policy=policy, config=pinned)
-        refresher = Refresher(self.ctx, self.client, self.receipt.key_id, self.receipt.server_token,
-                              hy["value_bound"], int(hy["mask_bits"]), int(hy["relu_mask_bits"]))
-        self.runtime = HybridRuntime(self.ctx, layout, refresher)
+        self.keys_used = 0
         self.sent_batches: set[int] = set()
+        self.runtime: HybridRuntime | None = None
+        self._previous: dict[bytes, Any] = {}  # fingerprint -> runtime of keys rotated out (their results decrypt)
+        self._provision()
+
+    def _provision(self) -> None:
+        """Fresh CKKS keys, the enclave's attestation verified, the secret key sent encrypted to it."""
+        from privml import enclave as enc
+        from privml.he.context import CKKSContext
+        from privml.he.keys import KeySet
+        from privml.he.serialize import dump_context
+
+        hy = self.plan.params["hybrid"]
+        ctx = CKKSContext.generate(self.params, self.steps)
+        ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
+        k = ctx.keys  # the enclave needs no Galois keys
+        secret = CKKSContext(KeySet(self.params, k.seal_context, k.public_key, k.relin_keys, k.galois_keys, (),
+                                    k.secret_key, ctx.fingerprint))
+        regions = tuple(self.allowed_regions) if self.allowed_regions else (self.enclave.region,)
+        policy = enclave_policy(self.plan, self.rate_limit, regions)
+        pinned = enc.EnclaveConfig(region=self.enclave.region) if self._own is not None else None  # PCR1 too
+        self.attestation, self.receipt = enc.attest_and_provision(
+            self.client, root_certificate=self.enclave.root_certificate, region_allowed=self.allowed_regions,
+            secret_context=dump_context(secret, include_secret=True), policy=policy, config=pinned)
+        refresher = Refresher(ctx, self.client, self.receipt.key_id, self.receipt.server_token, hy["value_bound"],
+                              int(hy["mask_bits"]), int(hy["relu_mask_bits"]))
+        if self.runtime is not None:
+            self._previous[self.ctx.fingerprint] = self.runtime
+            while len(self._previous) > 8:
+                self._previous.pop(next(iter(self._previous)))
+        self.ctx = ctx
+        self.runtime = HybridRuntime(ctx, self.layout, refresher)
+        self.keys_used += 1
+
+    def rotate_keys(self) -> None:
+        """Generate and provision a fresh key (a fresh decryption budget); results under earlier keys still
+        decrypt here. A separate server needs the new ``public_context()`` and ``server_credentials()``."""
+        self._provision()
+
+    def needed(self, batch: int) -> int:
+        """Decryptions the plan's refreshes take for one batch (latency: per sample; throughput: per batch)."""
+        return self.per_sample * (batch if self.layout == "latency" else 1)
 
     # ---- client
     def encrypt(self, x: torch.Tensor) -> HybridTensor:
+        need = self.needed(int(x.shape[0]))
+        if need > self.budget:
+            raise InvalidInput(f"privml: this batch needs {need} enclave decryptions but a key allows "
+                               f"{self.budget} (decryption_budget): encrypt smaller batches, or compile with a larger "
+                               "decryption_budget (the flooding noise grows with its square root)")
+        left = self.runtime.refresher.stats.budget_left
+        if left is not None and need > left:
+            if not self.rekey:
+                raise DecryptionBudgetExhausted(
+                    f"privml: this batch needs {need} enclave decryptions but only {left} are left on this key; "
+                    "rotate_keys() (or a session with rekey=True) provisions a fresh one")
+            self.rotate_keys()
         payload = self.runtime.encrypt(x)
         self.sent_batches.add(int(x.shape[0]))
         return HybridTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
 
     def check_ours(self, t: CKKSTensor) -> None:
-        if getattr(getattr(t.runtime, "ctx", None), "fingerprint", None) != self.ctx.fingerprint:
+        fingerprint = getattr(getattr(t.runtime, "ctx", None), "fingerprint", None)
+        if fingerprint != self.ctx.fingerprint and fingerprint not in self._previous:
             raise KeyMaterialError("privml: this encrypted tensor was produced under another key set")
         if t.shape[0] not in self.sent_batches:
             raise MalformedInput(f"privml: the encrypted result has a batch of {t.shape[0]} samples but this session "
@@ -479,7 +523,8 @@ class HybridBackend:
         """Decrypt; with ``release`` (or the session's ``release=True``) flood first, for outputs shown to others."""
         self.check_ours(t)
         t = t.materialized()
-        values = self.runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
+        runtime = self._previous.get(t.runtime.ctx.fingerprint, self.runtime)
+        values = runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
         if self.release if release is None else release:
             sigma = float(self.plan.params["hybrid"]["release_sigma"])
             values = values + _rng().normal(0.0, sigma, values.shape)
@@ -513,12 +558,17 @@ class HybridBackend:
         return entries
 
     def costs(self) -> dict[str, Any]:
-        p, s = self.ctx.params, self.runtime.refresher.stats
+        """Parameters, refresh totals over every key this session provisioned, and the current key's op counts."""
+        p = self.ctx.params
+        all_stats = [rt.refresher.stats for rt in (*self._previous.values(), self.runtime)]
+        total = {k: sum(getattr(st, k) for st in all_stats) for k in ("requests", "ciphertexts", "seconds",
+                                                                      "bytes_sent", "bytes_received")}
         return {"ring dimension N": p.poly_modulus_degree, "modulus chain (bits)": list(p.coeff_mod_bit_sizes),
                 "scale bits": p.scale_bits, "security": f"{p.security_bits}-bit (HE standard)",
-                "refresh requests": s.requests, "refreshed ciphertexts": s.ciphertexts,
-                "refresh seconds": round(s.seconds, 3), "refresh bytes": s.bytes_sent + s.bytes_received,
-                "decryption budget left": s.budget_left,
+                "refresh requests": total["requests"], "refreshed ciphertexts": total["ciphertexts"],
+                "refresh seconds": round(total["seconds"], 3),
+                "refresh bytes": total["bytes_sent"] + total["bytes_received"],
+                "keys provisioned": self.keys_used, "decryption budget left": self.runtime.refresher.stats.budget_left,
                 "flood sigma": self.plan.params["hybrid"]["flood_sigma"],
                 **{f"ops: {k}": v for k, v in self.ctx.stats.items()}}
 
