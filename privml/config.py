@@ -348,7 +348,7 @@ class MPCSessionConfig(SessionConfig):
 @dataclass(frozen=True)
 class HybridSessionConfig(SessionConfig):
     backend: ClassVar[str] = "hybrid"
-    session_only: ClassVar[tuple[str, ...]] = ()
+    session_only: ClassVar[tuple[str, ...]] = ("min_flood_security_bits", "min_mask_bits", "min_relu_mask_bits")
 
     enclave: Any = option(None, "the enclave: an EnclaveProcess, a socket path, or None to launch a simulated "
                           "one for this session", cli=False)
@@ -359,6 +359,9 @@ class HybridSessionConfig(SessionConfig):
     release: bool = option(False, "flood the client's own decryptions too (outputs shown to others)")
     rekey: bool = option(True, "provision a fresh key when this one's decryption budget cannot cover the next batch "
                          "(False: DecryptionBudgetExhausted)")
+    min_flood_security_bits: int = option(30, "refuse plans flooding at fewer bits of statistical security", min=30)
+    min_mask_bits: int = option(16, "refuse plans blinding pure refreshes with smaller additive masks", min=1)
+    min_relu_mask_bits: int = option(1, "refuse plans whose exact-ReLU masks span less than 2^this", min=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

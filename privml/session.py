@@ -103,7 +103,45 @@ class Session:
                 f"(|value| <= {max_value:.4g}): wrapped-around results would pass the decrypt check. "
                 "Recompile the model; a session does not accept such a plan.")
         ck["allow_insecure"] = allowed and self.security_bits < MIN_SECURITY_BITS
+        if plan.backend == "hybrid":
+            self._check_hybrid(plan, params)
         return dataclasses.replace(plan, params={**plan.params, "ckks": ck, "security_bits": self.security_bits})
+
+    def _check_hybrid(self, plan: Plan, params: Any) -> None:
+        """The flooding and blinding a hybrid plan asks for, checked against what this client computes itself.
+
+        The enclave floods with the sigma the client provisions and the server blinds with the plan's masks, so a
+        plan with a tiny ``flood_sigma`` or ``mask_bits`` would switch the protections off: refused.
+        """
+        from privml.he.noise import NoiseModel, flood_factor
+
+        hy, cfg = plan.params["hybrid"], self.config
+
+        def refuse(why: str) -> None:
+            raise MalformedInput(f"privml: refusing this hybrid plan: {why}. Recompile the model; a session does not "
+                                 "weaken its own flooding or blinding for a plan.")
+
+        if hy["flood_security_bits"] < cfg.min_flood_security_bits:
+            refuse(f"flooding at s={hy['flood_security_bits']} bits, below this session's "
+                   f"{cfg.min_flood_security_bits}")
+        if hy["mask_bits"] < cfg.min_mask_bits or hy["relu_mask_bits"] < cfg.min_relu_mask_bits:
+            refuse(f"masks of {hy['mask_bits']} / {hy['relu_mask_bits']} bits, below this session's "
+                   f"{cfg.min_mask_bits} / {cfg.min_relu_mask_bits} (min_mask_bits / min_relu_mask_bits)")
+        noise = NoiseModel(params.poly_modulus_degree, params.scale_bits, len(params.coeff_mod_bit_sizes) - 1)
+        if hy["noise_bound"] < noise.rs * (1 - 1e-9):
+            refuse(f"a noise bound of {hy['noise_bound']:.3g}, below one rescale's {noise.rs:.3g}")
+        factor = flood_factor(params.poly_modulus_degree, int(hy["decryption_budget"]), int(hy["flood_security_bits"]))
+        if hy["flood_sigma"] < factor * hy["noise_bound"] * (1 - 1e-6):
+            refuse(f"flood_sigma {hy['flood_sigma']:.3g} is below sqrt(24 N alpha) 2^(s/2) x the noise bound "
+                   f"= {factor * hy['noise_bound']:.3g}")
+        if hy["release_sigma"] < factor * noise.rs * (1 - 1e-6):
+            refuse(f"release_sigma {hy['release_sigma']:.3g} is below the flooding of one rescale's noise "
+                   f"({factor * noise.rs:.3g})")
+        ranges = [plan.params["output_range"], plan.params.get("input_range") or [0.0, 0.0]]
+        largest = max(abs(float(v)) for r in ranges for v in r)
+        if hy["value_bound"] < largest:
+            refuse(f"value_bound {hy['value_bound']:.3g} is below the plan's own ranges (|values| up to "
+                   f"{largest:.3g}): masks sized from it would not hide the values")
 
     def encrypt(self, x: torch.Tensor) -> PrivateTensor:
         """A private tensor holding ``x`` (batch first, shaped like the calibration samples).

@@ -20,7 +20,14 @@ from models.lenet import LeNet5
 from models.resnet import SmallResNet
 from privml.backends.hybrid import HybridServer
 from privml.data import get_dataset
-from privml.errors import DecryptionBudgetExhausted, InvalidInput, KeyMaterialError, PartyFailure
+from privml.errors import (
+    BudgetError,
+    DecryptionBudgetExhausted,
+    InvalidInput,
+    KeyMaterialError,
+    MalformedInput,
+    PartyFailure,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -229,8 +236,52 @@ def test_cifar_resnet20_compiles_under_hybrid_with_128_bit_parameters():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = privml.compile(ResNet20().eval(), torch.randn(8, 3, 32, 32), backend="hybrid", layout="throughput")
+        # throughput layout (a 16x32x32 map exceeds one N=16384 ciphertext): ~188k refreshed ciphertexts per batch
+        compiled = privml.compile(ResNet20().eval(), torch.randn(8, 3, 32, 32), backend="hybrid", layout="throughput",
+                                  decryption_budget=1 << 18)
     p = compiled.plan.params
     assert p["security_bits"] == 128 and p["poly_modulus_degree"] <= 16384
     relus = [r for r in p["hybrid"]["refreshes"] if r["mode"] == "relu"]
     assert len({r["where"] for r in relus}) == 19  # stem + 2 per block x 9 blocks
+    with pytest.raises(BudgetError, match="decryption_budget"):  # refused at compile, not mid-run
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            privml.compile(ResNet20().eval(), torch.randn(8, 3, 32, 32), backend="hybrid", layout="throughput")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("flood_sigma", 1e-300, "flood_sigma"),
+    ("noise_bound", 1e-300, "noise bound"),
+    ("release_sigma", 1e-300, "release_sigma"),
+    ("mask_bits", 1, "masks"),
+    ("relu_mask_bits", 0, "masks"),
+    ("value_bound", 1e-300, "value_bound"),
+])
+def test_a_plan_cannot_switch_off_flooding_or_blinding(mlp_plan, field, value, match):
+    import dataclasses
+
+    _, compiled, _ = mlp_plan
+    params = dict(compiled.plan.params)
+    params["hybrid"] = {**params["hybrid"], field: value}
+    if field == "noise_bound":  # consistent with it, so only the client's own lower bound catches it
+        params["hybrid"]["flood_sigma"] = 1e-300
+    bad = dataclasses.replace(compiled.plan, params=params)
+    with pytest.raises(MalformedInput, match=match):
+        privml.Session(bad)
+
+
+def test_square_refreshes_once_as_planned():
+    class Square(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Square(), nn.Linear(8, 2)).eval()
+    x = torch.randn(64, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = privml.compile(model, x, backend="hybrid", refresh_depth=1, degree=2, decryption_budget=16)
+    planned = sum(r["ciphertexts"] for r in compiled.plan.params["hybrid"]["refreshes"])
+    with privml.Session(compiled.plan, out_of_range="warn") as s:
+        s.decrypt(compiled(s.encrypt(x[:1])))
+        assert s.backend.costs()["refreshed ciphertexts"] == planned

@@ -36,6 +36,7 @@ import privml
 from models.lenet import LeNet5
 from models.resnet import SmallResNet
 from privml.data import get_dataset
+from privml.he.noise import secure_normal, secure_uniform
 
 BOOTSTRAP_S = 25.0  # Orion/Lattigo LogN=16, one core, this machine (lower end of 25-30 s)
 
@@ -91,7 +92,7 @@ def refresh_latency(reps: int) -> None:
             blind, trip, unblind, inside = [], [], [], []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                m = ref._rng.uniform(-ref.mask, ref.mask, ctx.slots)
+                m = secure_uniform(ctx.slots, -ref.mask, ref.mask)
                 b = ctx.add_plain(low, m)
                 t1 = time.perf_counter()
                 fresh = ref._call([b], "refresh")[0]
@@ -99,7 +100,7 @@ def refresh_latency(reps: int) -> None:
                 ctx.add_plain(fresh, -m)
                 t3 = time.perf_counter()
                 v = ctx.decrypt(b)
-                v = v + np.random.default_rng().normal(0, 1e-6, v.shape)
+                v = v + secure_normal(v.size, 1e-6)
                 ctx.encrypt_symmetric(v)
                 t4 = time.perf_counter()
                 blind.append(t1 - t0)

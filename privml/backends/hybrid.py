@@ -41,16 +41,12 @@ from privml.backends.ckks import (
     loads,
 )
 from privml.errors import DecryptionBudgetExhausted, InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
+from privml.he.noise import secure_normal, secure_uniform
 from privml.tensor import current_module
 
 FLOOR = 1  # lowest level data may reach (level 0 stays unused: headroom for masks)
 MODES = ("refresh", "relu")
 CHUNK = 512  # ciphertexts per refresh message
-
-
-def _rng() -> np.random.Generator:
-    """Masks come from a generator seeded by the OS CSPRNG (fresh per refresher)."""
-    return np.random.Generator(np.random.PCG64DXSM(int.from_bytes(os.urandom(32), "little")))
 
 
 @dataclass
@@ -78,11 +74,18 @@ class Refresher:
         self.mask = float(value_bound) * 2.0 ** mask_bits
         self.relu_range = 2.0 ** relu_mask_bits
         self.stats = RefreshStats()
-        self._rng = _rng()
+
+    def _chunk(self) -> int:
+        """Ciphertexts per message: at most CHUNK, and the answer (fresh, top level) well within a frame."""
+        from privml.enclave.protocol import MAX_BODY
+
+        top_bytes = 2 * self.ctx.params.poly_modulus_degree * 8 * (self.ctx.max_level + 1) + 4096
+        return max(1, min(CHUNK, int(MAX_BODY / 1.25 / top_bytes)))
 
     def _call(self, cts: list, mode: str) -> list:
-        if len(cts) > CHUNK:  # the enclave takes a bounded number of ciphertexts per message
-            return [ct for i in range(0, len(cts), CHUNK) for ct in self._call(cts[i:i + CHUNK], mode)]
+        chunk = self._chunk()
+        if len(cts) > chunk:  # the enclave takes a bounded number of ciphertexts per message
+            return [ct for i in range(0, len(cts), chunk) for ct in self._call(cts[i:i + chunk], mode)]
         from privml.he.serialize import dump_ciphertexts, load_ciphertexts
 
         if not cts:
@@ -109,7 +112,7 @@ class Refresher:
     def refresh(self, cts: list) -> list:
         """Fresh top-level encryptions of the same values (additive blinding)."""
         slots = self.ctx.slots
-        masks = [self._rng.uniform(-self.mask, self.mask, slots) for _ in cts]
+        masks = [secure_uniform(slots, -self.mask, self.mask) for _ in cts]  # OS CSPRNG, fresh per ciphertext
         blinded = [self.ctx.add_plain(ct, m) for ct, m in zip(cts, masks, strict=True)]
         fresh = self._call(blinded, "refresh")
         return [self.ctx.add_plain(ct, -m) for ct, m in zip(fresh, masks, strict=True)]
@@ -117,7 +120,7 @@ class Refresher:
     def relu(self, cts: list) -> list:
         """relu(x) at the top level minus one: positive masks, the enclave's exact ReLU, unmasking."""
         slots = self.ctx.slots
-        masks = [np.exp(self._rng.uniform(0.0, math.log(self.relu_range), slots)) if self.relu_range > 1
+        masks = [np.exp(secure_uniform(slots, 0.0, math.log(self.relu_range))) if self.relu_range > 1
                  else np.ones(slots) for _ in cts]
         masked = [self.ctx.mul_plain(ct, r) for ct, r in zip(cts, masks, strict=True)]
         fresh = self._call(masked, "relu")
@@ -188,7 +191,7 @@ class Track:
     levels: int
     noise: float
     error: float
-
+    independent: bool = True  # the error is independent across slots (just flooded): linear maps grow it by l2
 
 @dataclass
 class RefreshPoint:
@@ -259,7 +262,8 @@ class HybridDryRuntime(Runtime):
     """
 
     def __init__(self, layout: str, segment: int, noise: Any, value_bound: float, relu_mask_bits: int,
-                 sigma: float = 0.0, slots: int = 1 << 13, batch: int = 1, cache: dict | None = None) -> None:
+                 sigma: float = 0.0, slots: int = 1 << 13, batch: int = 1, cache: dict | None = None,
+                 mask_bits: int = 20) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
         super().__init__(None, layout)
@@ -272,6 +276,7 @@ class HybridDryRuntime(Runtime):
         self.bound = value_bound
         self.relu_range = 2.0 ** relu_mask_bits
         self.sigma = sigma
+        self.mask_error = value_bound * 2.0 ** (mask_bits - 50)
         self.batch = batch
         self.rotation_steps: set[int] = set()
         self.min_slots = 1
@@ -304,9 +309,6 @@ class HybridDryRuntime(Runtime):
         self._width = int(np.prod(x.shape[1:]))
         return Track(self.segment, self.noise.fresh, 0.0)
 
-    def _fresh(self, error: float) -> Track:
-        return Track(self.segment, self.noise.fresh, error)
-
     def fit(self, t: Track, k: int, width: int) -> Track:
         self.max_need = max(self.max_need, k)
         if t.levels >= k:
@@ -314,7 +316,9 @@ class HybridDryRuntime(Runtime):
         if k > self.segment:
             return Track(k, t.noise, t.error)  # recorded in max_need; the planner refuses this segment
         self.refreshes.append(RefreshPoint(current_module() or "", "refresh", t.noise, self._count(width)))
-        return self._fresh(math.hypot(t.error, self.sigma))
+        # the masked values pass through float64 (decode, flood, encode, subtract): a few ulps of |x + m|
+        error = math.hypot(t.error, self.sigma) + self.mask_error
+        return Track(self.segment, self.noise.fresh, error, t.independent or t.error == 0)
 
     def _note(self, names: str, op: str, cost: int, t: Track) -> None:
         self.log.append((names, op, cost, self.segment - t.levels))
@@ -329,18 +333,24 @@ class HybridDryRuntime(Runtime):
         if hit is None:
             steps: set[int] = set()
             rotations = babies = giants = 0
+            if isinstance(affine.weight, NormOnly):
+                terms = affine.weight.shape[1]
+            else:
+                terms = int((affine.weight != 0).sum(axis=1).max()) if affine.weight.size else 0
             if self.layout == "latency":
                 mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
                 steps, rotations = mv.rotation_steps(), int(mv.rotation_count)
-                babies, giants = mv._baby_max, mv._g_hi - mv._g_lo
+                babies, giants, terms = mv._baby_max, mv._g_hi - mv._g_lo, int(mv.diagonals.size)
             hit = self._mv_cache[key] = (_inf_norm(affine.weight), _row_l2(affine.weight), steps, rotations,
-                                         babies, giants)
-        norm, l2, steps, rotations, babies, giants = hit
+                                         babies, giants, terms)
+        norm, l2, steps, rotations, babies, giants, terms = hit
         if self.layout == "latency":
             self.min_slots = max(self.min_slots, n + m)
             self.rotation_steps |= steps
             self.rotations += rotations * self.batch
-        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants), l2 * t.error)
+        # flooded errors are independent across slots only until the first map mixes them: then the 1-norm
+        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound),
+                    (l2 if t.independent else norm) * t.error, False)
         self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, out)
         self._width = m
         return out
@@ -355,30 +365,36 @@ class HybridDryRuntime(Runtime):
         slope = sum(i * abs(c) * x ** (i - 1) for i, c in enumerate(coeffs) if i)
         size = sum(abs(c) * x**i for i, c in enumerate(coeffs))
         extra = poly_mult_count(coeffs) * (self.noise.ks + self.noise.rs) * max(1.0, size)
-        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error)
+        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error, t.independent)
         self._note(current_module() or "", f"poly(deg {degree})", k, out)
         return out
 
     def mul(self, a: Track, b: Track) -> Track:
         a, b = self.fit(a, 1, self._width), self.fit(b, 1, self._width)
+        return self._product(a, b)
+
+    def square(self, a: Track) -> Track:
+        a = self.fit(a, 1, self._width)  # one operand: refreshed once, as the runtime does
+        return self._product(a, a)
+
+    def _product(self, a: Track, b: Track) -> Track:
         x = self.bound
         out = Track(min(a.levels, b.levels) - 1, self.noise.product(a.noise, b.noise, x),
-                    x * (a.error + b.error) + a.error * b.error)
+                    x * (a.error + b.error) + a.error * b.error, a.independent and b.independent)
         self._note(current_module() or "", "mul", 1, out)
         return out
 
-    def square(self, a: Track) -> Track:
-        return self.mul(a, a)
-
     def add(self, a: Track, b: Track, negate_b: bool = False) -> Track:
-        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error)
+        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error,
+                     a.independent and b.independent)
 
     def relu(self, payload: Track) -> Track:
         t = self.fit(payload, 1, self._width)
-        masked = self.noise.scalar(t.noise, self.relu_range)
+        masked = self.noise.scalar(t.noise, self.relu_range, self.bound)
         self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(self._width)))
         self.max_need = max(self.max_need, 1)
-        out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0), math.hypot(t.error, self.sigma))
+        out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0, self.relu_range * self.bound),
+                    math.hypot(t.error, self.sigma), t.independent or t.error == 0)
         self._note(current_module() or "", "relu (enclave)", 2, out)
         return out
 
@@ -527,7 +543,7 @@ class HybridBackend:
         values = runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
         if self.release if release is None else release:
             sigma = float(self.plan.params["hybrid"]["release_sigma"])
-            values = values + _rng().normal(0.0, sigma, values.shape)
+            values = values + secure_normal(values.size, sigma).reshape(values.shape)
         out = torch.from_numpy(values).float().reshape(t.shape)
         if not torch.isfinite(out).all():
             raise MalformedInput("privml: decrypted values are not finite: the ciphertexts were corrupted")
@@ -639,9 +655,9 @@ def make_backend(plan: Any, **options: Any) -> HybridBackend:
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, segment: int, noise: Any,
             value_bound: float, relu_mask_bits: int, sigma: float = 0.0, slots: int = 1 << 13,
-            batch: int = 1, cache: dict | None = None) -> HybridDryRuntime:
+            batch: int = 1, cache: dict | None = None, mask_bits: int = 20) -> HybridDryRuntime:
     """Route ``model`` without keys with ``segment`` levels between refreshes (``cache``: shared across runs)."""
-    rt = HybridDryRuntime(layout, segment, noise, value_bound, relu_mask_bits, sigma, slots, batch, cache)
+    rt = HybridDryRuntime(layout, segment, noise, value_bound, relu_mask_bits, sigma, slots, batch, cache, mask_bits)
     x = HybridTensor(rt.encrypt(torch.empty((batch, *input_shape))), (batch, *input_shape), torch.float32,
                      runtime=rt, pending=None)
     out = model(x)

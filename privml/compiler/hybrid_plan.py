@@ -58,6 +58,7 @@ class Candidate:
     min_slots: int
     feasible: bool
     why: str = ""
+    over_budget: bool = False
 
     def row(self) -> dict[str, Any]:
         return {"N": self.n, "segment": self.segment, "scale_bits": self.scale_bits,
@@ -87,7 +88,7 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
     s = chain[1]
     noise = NoiseModel(n, s, primes=len(chain) - 1)
     common = dict(layout=layout, segment=segment, noise=noise, value_bound=bound, relu_mask_bits=cfg.relu_mask_bits,
-                  slots=n // 2, cache=cache)
+                  slots=n // 2, cache=cache, mask_bits=cfg.mask_bits)
     with module_scope(gm):
         probe = dry_run(gm, input_shape, **common)
     if probe.max_need > segment:
@@ -108,6 +109,12 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
     seconds = (run.rotations * ROTATION_S + run_mults(run) * PT_MULT_S) * n * primes
     seconds += sum(r.ciphertexts for r in run.refreshes) * REFRESH_S.get(n, REFRESH_S[16384] * n / 16384)
     err = TAIL * float(out.error)
+    per_batch = sum(r["ciphertexts"] for r in refreshes)  # latency: per sample; throughput: per batch
+    if per_batch > cfg.decryption_budget:
+        return Candidate(n, segment, s, refreshes, sigma, worst, err, float(out.noise), seconds,
+                         sorted(run.rotation_steps), run.min_slots, False,
+                         f"{per_batch} enclave decryptions per {'sample' if layout == 'latency' else 'batch'} > "
+                         f"decryption_budget {cfg.decryption_budget}", over_budget=True)
     ok = err <= out_tol
     return Candidate(n, segment, s, refreshes, sigma, worst, err, float(out.noise), seconds,
                      sorted(run.rotation_steps), run.min_slots, ok,
@@ -136,7 +143,12 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
             c = _candidate(gm, plan.input_shape, cfg.layout, n, d, bound, cfg, out_tol, cache)
             if c is not None:
                 found.append(c)
-    usable = [c for c in found if math.isfinite(c.output_error)]
+    usable = [c for c in found if math.isfinite(c.output_error) and not c.over_budget]
+    if not usable and any(c.over_budget for c in found):
+        least = min((c for c in found if c.over_budget), key=lambda c: sum(r["ciphertexts"] for r in c.refreshes))
+        raise BudgetError(f"privml: every hybrid plan needs more enclave decryptions than a key allows ({least.why}): "
+                          "raise decryption_budget (the flooding noise grows with its square root), use the latency "
+                          "layout, or fewer activations")
     if not usable:
         why = "; ".join(f"N={c.n}, {c.segment} levels: {c.why}" for c in found[:6]) or "no chain fits"
         raise BudgetError(f"privml: no hybrid parameters fit this model ({why}); lower polynomial degrees "

@@ -47,6 +47,7 @@ from privml.enclave.provision import (
     write_sealed,
 )
 from privml.errors import DecryptionBudgetExhausted, KeyMaterialError, MalformedInput, PrivmlError
+from privml.he.noise import secure_normal
 from privml.he.serialize import dump_ciphertexts, load_ciphertexts, load_context
 
 log = logging.getLogger("privml.enclave")
@@ -245,8 +246,6 @@ def handle_refresh(enclave: Enclave, conn: Connection, body: dict) -> dict:
         # spend (and persist) the budget before decrypting anything
         rec.budget_used += count
         enclave.persist_budget(rec)
-        # Flooding noise from a CSPRNG-seeded generator (os.urandom seed, fresh per request).
-        rng = np.random.Generator(np.random.PCG64DXSM(int.from_bytes(os.urandom(32), "little")))
         sigma = rec.policy.flood_sigma
         relu = mode == "relu"
         out = []
@@ -254,7 +253,7 @@ def handle_refresh(enclave: Enclave, conn: Connection, body: dict) -> dict:
             v = rec.ctx.decrypt(ct)
             r = np.maximum(v, 0.0)  # computed in both modes: the same work per message
             v = r if relu else v
-            v = v + rng.normal(0.0, sigma, v.shape)
+            v = v + secure_normal(v.size, sigma).reshape(v.shape)  # flooding from the OS CSPRNG
             out.append(rec.ctx.encrypt_symmetric(v))
             del v, r
         payload = dump_ciphertexts(rec.ctx, out)

@@ -15,7 +15,10 @@ revealed decryptions of ``n`` coefficients at statistical security ``s`` (>= 30)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+
+import numpy as np
 
 from privml.errors import InvalidInput
 
@@ -73,18 +76,25 @@ class NoiseModel:
     def ks(self) -> float:
         return key_switch(self.n, self.primes) * self.unit
 
-    def affine(self, noise: float, norm: float, babies: int = 0, giants: int = 0) -> float:
+    @property
+    def enc(self) -> float:
+        """Rounding error of an encoded plaintext, relative to its values (coefficients rounded to integers)."""
+        return TAIL * math.sqrt(self.n / 12) * self.unit
+
+    def affine(self, noise: float, norm: float, babies: int = 0, giants: int = 0, terms: int = 0,
+               bound: float = 0.0) -> float:
         """A baby-step giant-step diagonal product: each term comes from at most ``babies`` chained rotations
-        (weighted by |w|, summing to at most ``norm``), then ``giants`` rotations of partial sums, one rescale."""
-        return norm * (noise + babies * self.ks) + giants * self.ks + self.rs
+        (weighted by |w|, summing to at most ``norm``), then ``giants`` rotations of partial sums, one rescale;
+        each of the ``terms`` encoded weights per output adds its rounding times |x| <= ``bound``."""
+        return norm * (noise + babies * self.ks) + giants * self.ks + self.rs + terms * bound * self.enc
 
     def product(self, na: float, nb: float, bound: float) -> float:
         """a * b for |a|, |b| <= bound: cross terms, relinearization, rescale."""
         return bound * (na + nb) + na * nb + self.ks + self.rs
 
-    def scalar(self, noise: float, factor: float) -> float:
-        """Multiplication by plaintext values of magnitude <= factor (one rescale)."""
-        return factor * noise + self.rs
+    def scalar(self, noise: float, factor: float, bound: float = 0.0) -> float:
+        """Multiplication by plaintext values of magnitude <= factor (one rescale; their rounding times |x|)."""
+        return factor * noise + self.rs + bound * factor * self.enc
 
 
 def flood_factor(n: int, alpha: int, security_bits: int = MIN_SECURITY_BITS) -> float:
@@ -107,3 +117,21 @@ def flood_sigma(noise_bound: float, n: int, alpha: int, security_bits: int = MIN
 def precision_cost_bits(n: int, alpha: int, security_bits: int = MIN_SECURITY_BITS) -> float:
     """Bits of precision flooding spends: log2 of the flood factor."""
     return math.log2(flood_factor(n, alpha, security_bits))
+
+
+# --------------------------------------------------------------------------------------------- randomness
+def secure_uniform(n: int, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """``n`` uniforms in [low, high) from the OS CSPRNG (53 random bits each): masks must not be predictable
+    from earlier ones, which a seeded PRNG such as PCG cannot promise once its outputs are seen."""
+    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return low + (high - low) * (raw.astype(np.float64) * 2.0**-53)
+
+
+def secure_normal(n: int, sigma: float) -> np.ndarray:
+    """``n`` Gaussians of standard deviation ``sigma`` from CSPRNG uniforms (Box-Muller)."""
+    m = (n + 1) // 2
+    u1 = 1.0 - secure_uniform(m)  # (0, 1]: log is finite
+    u2 = secure_uniform(m)
+    r = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([r * np.cos(2 * math.pi * u2), r * np.sin(2 * math.pi * u2)])[:n]
+    return sigma * z
