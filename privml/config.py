@@ -359,6 +359,8 @@ class HybridSessionConfig(SessionConfig):
     release: bool = option(False, "flood the client's own decryptions too (outputs shown to others)")
     rekey: bool = option(True, "provision a fresh key when this one's decryption budget cannot cover the next batch "
                          "(False: DecryptionBudgetExhausted)")
+    plaintext_cache_gb: float = option(2.5, "memory for encoded weight diagonals kept between calls (GB); beyond it "
+                                       "they are re-encoded each call", min=0)
     min_flood_security_bits: int = option(30, "refuse plans flooding at fewer bits of statistical security", min=30)
     min_mask_bits: int = option(16, "refuse plans blinding pure refreshes with smaller additive masks", min=1)
     min_relu_mask_bits: int = option(1, "refuse plans whose exact-ReLU masks span less than 2^this", min=0)

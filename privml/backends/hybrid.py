@@ -445,7 +445,8 @@ class HybridBackend:
     name = "hybrid"
 
     def __init__(self, plan: Any, enclave: Any = None, allowed_regions: tuple[str, ...] | None = ("eu-central-1",),
-                 rate_limit: float = 1e6, timeout: float = 60.0, release: bool = False, rekey: bool = True) -> None:
+                 rate_limit: float = 1e6, timeout: float = 60.0, release: bool = False, rekey: bool = True,
+                 plaintext_cache_gb: float = 2.5) -> None:
         from privml import enclave as enc
 
         self.params, self.steps, self.layout, hy = _hybrid_params(plan)
@@ -453,6 +454,7 @@ class HybridBackend:
         self.release = release
         self.rekey = rekey
         self.rate_limit = rate_limit
+        self.cache_bytes = int(plaintext_cache_gb * 1e9)
         self.allowed_regions = allowed_regions
         self.budget = int(hy["decryption_budget"])
         self.per_sample = sum(int(r["ciphertexts"]) for r in hy.get("refreshes", []))
@@ -480,7 +482,7 @@ class HybridBackend:
 
         hy = self.plan.params["hybrid"]
         ctx = CKKSContext.generate(self.params, self.steps)
-        ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
+        ctx.cache_bytes = self.cache_bytes
         k = ctx.keys  # the enclave needs no Galois keys
         secret = CKKSContext(KeySet(self.params, k.seal_context, k.public_key, k.relin_keys, k.galois_keys, (),
                                     k.secret_key, ctx.fingerprint))

@@ -1,9 +1,8 @@
-"""CKKS encoding and decoding at exact per-level scales, with an LRU cache for constant plaintexts."""
+"""CKKS encoding and decoding at exact per-level scales, with a bounded cache for constant plaintexts."""
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
@@ -44,7 +43,7 @@ class Encoder:
         self._stats = stats
         self.slots = poly_modulus_degree // 2
         self.cache_bytes = DEFAULT_CACHE_BYTES
-        self._cache: OrderedDict[Hashable, Any] = OrderedDict()
+        self._cache: dict[Hashable, Any] = {}
         self._cache_used = 0
 
     def encode_raw(self, values: Any, level: int, scale: float) -> Any:
@@ -72,8 +71,10 @@ class Encoder:
     def encode(self, values: Any, level: int, scale: float, key: Hashable | None = None) -> Any:
         """Plaintext of ``values`` (1-D array or scalar) at ``level`` and ``scale``, all checked.
 
-        With ``key``, the result is cached under ``(key, level, scale)`` (LRU bounded by
-        ``cache_bytes``); ``values`` may then be a zero-argument callable, called only on a miss.
+        With ``key``, the result is cached under ``(key, level, scale)`` while the cache stays within
+        ``cache_bytes``; once full, new plaintexts are encoded but not kept (no eviction: a forward pass uses
+        its plaintexts in the same order every time, so an LRU smaller than one pass would evict each one just
+        before its next use and never hit). ``values`` may be a zero-argument callable, called only on a miss.
         """
         self._chain.check_level(level)
         if not (scale > 0 and math.isfinite(scale)):
@@ -82,7 +83,6 @@ class Encoder:
             ckey = (key, level, float(scale))
             hit = self._cache.get(ckey)
             if hit is not None:
-                self._cache.move_to_end(ckey)
                 return hit[0]
         if callable(values):
             values = values()
@@ -90,11 +90,9 @@ class Encoder:
         pt = self.encode_raw(vals, level, scale)
         if key is not None:
             size = 8 * self._poly_modulus_degree * (level + 1)
-            self._cache[ckey] = (pt, size)
-            self._cache_used += size
-            while self._cache_used > self.cache_bytes and len(self._cache) > 1:
-                _, (_, old_size) = self._cache.popitem(last=False)
-                self._cache_used -= old_size
+            if self._cache_used + size <= self.cache_bytes:
+                self._cache[ckey] = (pt, size)
+                self._cache_used += size
         return pt
 
     def decode(self, pt: Any) -> np.ndarray:
