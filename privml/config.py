@@ -259,7 +259,7 @@ class HybridConfig(CompileConfig):
                                        choose=True)
     refresh_depth: int | None = option(None, "levels between two refreshes (default: chosen by the planner)",
                                        min=1, choose=True)
-    decryption_budget: int = option(256, "ciphertexts the enclave may decrypt per key (alpha of the "
+    decryption_budget: int = option(64, "ciphertexts the enclave may decrypt per key (alpha of the "
                                     "flooding bound; the enclave refuses more)", min=1)
     flood_security_bits: int = option(30, "statistical security s of the noise flooding (>= 30)", min=30)
     mask_bits: int = option(20, "additive blinding of a pure refresh: masks 2^mask_bits x the value bound "

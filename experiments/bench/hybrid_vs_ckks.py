@@ -129,20 +129,22 @@ def _run(compiled: nn.Module, model: nn.Module, xs: torch.Tensor, ys: torch.Tens
             ref = model(xs[i:i + 1])
             preds.append((int(y.argmax()), int(ref.argmax())))
             errs.append(float((y - compiled(xs[i:i + 1])).abs().max()))
+        keys_used = getattr(s.backend, "keys_used", 1)
         if backend == "hybrid":
             pid = getattr(s.backend.enclave, "pid", None)
             if pid:
                 enclave_rss = psutil.Process(pid).memory_info().rss / 1e9
     return {"s/img": statistics.median(times), "keys s": keys, "acc": np.mean([p == int(t) for (p, _), t in
                                                                               zip(preds, ys, strict=True)]),
-            "agree": np.mean([a == b for a, b in preds]), "max |logit err|": max(errs), "enclave GB": enclave_rss}
+            "agree": np.mean([a == b for a, b in preds]), "max |logit err|": max(errs), "enclave GB": enclave_rss,
+            "keys": keys_used}
 
 
 def models(names: list[str], images: int, ckks_images: int, skip_ckks: bool) -> None:
     print("\n## End to end, one image at a time (latency layout), same weights\n")
-    print("| model | backend | N | chain | refreshes/img | s/img | peak RSS GB (client+server) | enclave GB | "
-          "acc | agree | max logit err | plan error bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | backend | N | chain | refreshes/img | keys | s/img (median) | peak RSS GB (client+server) | "
+          "enclave GB | acc | agree | max logit err | plan error bound | images |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         model, dataset = _model(name)
         train, test = get_dataset(dataset)
@@ -158,9 +160,9 @@ def models(names: list[str], images: int, ckks_images: int, skip_ckks: bool) -> 
             hy = p.get("hybrid", {})
             n_ref = sum(x["ciphertexts"] for x in hy.get("refreshes", []))
             print(f"| {name} | {backend} | {p['poly_modulus_degree']} | {p['ckks']['coeff_mod_bit_sizes']} | "
-                  f"{n_ref} | {r['s/img']:.2f} | {_peak_gb():.2f} | {r['enclave GB']:.2f} | {r['acc']:.2f} | "
-                  f"{r['agree']:.2f} | {r['max |logit err|']:.3g} | {hy.get('output_error_bound', 0):.3g} | "
-                  f"(k={k})")
+                  f"{n_ref} | {r['keys']} | {r['s/img']:.2f} | {_peak_gb():.2f} | {r['enclave GB']:.2f} | "
+                  f"{r['acc']:.2f} | {r['agree']:.2f} | {r['max |logit err|']:.3g} | "
+                  f"{hy.get('output_error_bound', 0):.3g} | {k} |", flush=True)
             del compiled
 
 
