@@ -81,3 +81,14 @@ def test_compile_and_eval_flags_come_from_the_config_fields() -> None:
                                       "input_expansion": False}
     with pytest.raises(SystemExit):
         parser.parse_args(["compile", "--layout", "fast"])
+
+
+@pytest.mark.parametrize("command", ["validate", "compile", "eval", "demo"])
+def test_every_command_prints_its_help(command, capsys):
+    """Help texts are %-formatted by argparse: an option's help with a bare % sign once crashed --help."""
+    from privml.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--backend" in capsys.readouterr().out or command == "demo"
