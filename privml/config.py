@@ -267,7 +267,8 @@ class HybridConfig(CompileConfig):
     relu_mask_bits: int = option(2, "exact ReLU: positive per-slot masks in [1, 2^relu_mask_bits] (hide each "
                                  "value's magnitude within that factor; flooding grows with it)", min=0, max=16)
     max_output_error: float | None = option(None, "largest predicted output error (6 sigma of the flooding) the "
-                                            "plan may have (default: a hundredth of the calibrated output range)", min=0)
+                                            "plan may have (default: a hundredth of the calibrated output range)",
+                                            min=0)
 
     @property
     def approximates(self) -> bool:

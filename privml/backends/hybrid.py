@@ -315,7 +315,8 @@ class HybridDryRuntime(Runtime):
             return t
         if k > self.segment:
             return Track(k, t.noise, t.error)  # recorded in max_need; the planner refuses this segment
-        self.refreshes.append(RefreshPoint(current_module() or "", "refresh", t.noise, self._count(width)))
+        where = current_module() or "(output: a pending linear map)"
+        self.refreshes.append(RefreshPoint(where, "refresh", t.noise, self._count(width)))
         # the masked values pass through float64 (decode, flood, encode, subtract): a few ulps of |x + m|
         error = math.hypot(t.error, self.sigma) + self.mask_error
         return Track(self.segment, self.noise.fresh, error, t.independent or t.error == 0)

@@ -35,10 +35,10 @@ HEADROOM = 2.0
 # ~25 ms at N=16384 and ~9 ms at N=8192 (experiments/bench/bench_hybrid.py). Costs scale ~ N x primes.
 ROTATION_S = 17e-3 / (16384 * 6)
 PT_MULT_S = 1.5e-3 / (16384 * 6)
-REFRESH_S = {8192: 9e-3, 16384: 25e-3}
+REFRESH_S = {8192: 11e-3, 16384: 20e-3}
 ENCLAVE_SEES = {
-    "refresh": "x + m with m uniform in +-2^mask_bits x value_bound per slot (statistical distance "
-               "2^-mask_bits from m alone)",
+    "refresh": "x + m with m uniform in +-2^mask_bits x value_bound per slot (each slot within statistical "
+               "distance 2^-mask_bits of m alone; over many slots the few near the mask's edge leak their sign)",
     "relu": "r x with r in [1, 2^relu_mask_bits] per slot: each value's sign and its magnitude within that factor",
 }
 
@@ -103,11 +103,13 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
     with module_scope(gm):
         run = dry_run(gm, input_shape, **{**common, "sigma": sigma})
     out = run.output
-    refreshes = [{"where": r.where, "mode": r.mode, "ciphertexts": r.ciphertexts, "noise_bound": r.noise}
+    per_ct = REFRESH_S.get(n, REFRESH_S[16384] * n / 16384)
+    refreshes = [{"where": r.where, "mode": r.mode, "ciphertexts": r.ciphertexts, "noise_bound": r.noise,
+                  "predicted_ms": round(r.ciphertexts * per_ct * 1e3, 1)}
                  for r in run.refreshes]
     primes = len(chain) - 1
     seconds = (run.rotations * ROTATION_S + run_mults(run) * PT_MULT_S) * n * primes
-    seconds += sum(r.ciphertexts for r in run.refreshes) * REFRESH_S.get(n, REFRESH_S[16384] * n / 16384)
+    seconds += sum(r.ciphertexts for r in run.refreshes) * per_ct
     err = TAIL * float(out.error)
     per_batch = sum(r["ciphertexts"] for r in refreshes)  # latency: per sample; throughput: per batch
     if per_batch > cfg.decryption_budget:
