@@ -285,3 +285,35 @@ def test_square_refreshes_once_as_planned():
     with privml.Session(compiled.plan, out_of_range="warn") as s:
         s.decrypt(compiled(s.encrypt(x[:1])))
         assert s.backend.costs()["refreshed ciphertexts"] == planned
+
+
+def test_mixed_model_polynomial_gelu_enclave_relu_batchnorm_residual_and_client_softmax():
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2, self.pool = nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2)
+            self.fc, self.sm = nn.Linear(64, 5), nn.Softmax(dim=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.bn(self.c1(x)))
+            h = F.gelu(self.c2(h)) + h
+            return self.sm(self.fc(self.pool(h).flatten(1)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(128, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = privml.compile(model, x, backend="hybrid", decryption_budget=16)
+    p = compiled.plan.params
+    assert {r["mode"] for r in p["hybrid"]["refreshes"]} == {"relu", "refresh"}  # ReLU in the enclave, GELU a poly
+    assert p["client_ops"] == [{"op": "softmax", "dim": 1}]
+    with privml.Session(compiled.plan, out_of_range="warn") as s:
+        y = s.decrypt(compiled(s.encrypt(x[:1])))
+    assert (y - compiled(x[:1])).abs().max() < 0.02  # probabilities; the logits are within the plan bound
+    assert torch.equal(y.argmax(1), model(x[:1]).argmax(1))

@@ -186,12 +186,18 @@ class HybridRuntime(Runtime):
 @dataclass(frozen=True)
 class Track:
     """A keyless payload: levels left above the floor, the ciphertext noise bound (worst case, value units) and
-    the standard deviation of the flooding error it carries (independent Gaussians: added in quadrature)."""
+    the flooding error it carries, as standard deviations: ``fresh``, independent across slots (flooded since the
+    last linear map, which grows it by its largest row 2-norm), and ``mixed``, already mixed by a map (grows by
+    the 1-norm, valid whatever the correlation)."""
 
     levels: int
     noise: float
-    error: float
-    independent: bool = True  # the error is independent across slots (just flooded): linear maps grow it by l2
+    mixed: float = 0.0
+    fresh: float = 0.0
+
+    @property
+    def error(self) -> float:
+        return self.mixed + self.fresh
 
 @dataclass
 class RefreshPoint:
@@ -307,19 +313,18 @@ class HybridDryRuntime(Runtime):
     def encrypt(self, x: torch.Tensor) -> Track:
         self.min_slots = max(self.min_slots, int(np.prod(x.shape[1:])) if self.layout == "latency" else x.shape[0])
         self._width = int(np.prod(x.shape[1:]))
-        return Track(self.segment, self.noise.fresh, 0.0)
+        return Track(self.segment, self.noise.fresh)
 
     def fit(self, t: Track, k: int, width: int) -> Track:
         self.max_need = max(self.max_need, k)
         if t.levels >= k:
             return t
         if k > self.segment:
-            return Track(k, t.noise, t.error)  # recorded in max_need; the planner refuses this segment
+            return Track(k, t.noise, t.mixed, t.fresh)  # recorded in max_need; the planner refuses this segment
         where = current_module() or "(output: a pending linear map)"
         self.refreshes.append(RefreshPoint(where, "refresh", t.noise, self._count(width)))
         # the masked values pass through float64 (decode, flood, encode, subtract): a few ulps of |x + m|
-        error = math.hypot(t.error, self.sigma) + self.mask_error
-        return Track(self.segment, self.noise.fresh, error, t.independent or t.error == 0)
+        return Track(self.segment, self.noise.fresh, t.mixed + self.mask_error, math.hypot(t.fresh, self.sigma))
 
     def _note(self, names: str, op: str, cost: int, t: Track) -> None:
         self.log.append((names, op, cost, self.segment - t.levels))
@@ -349,9 +354,8 @@ class HybridDryRuntime(Runtime):
             self.min_slots = max(self.min_slots, n + m)
             self.rotation_steps |= steps
             self.rotations += rotations * self.batch
-        # flooded errors are independent across slots only until the first map mixes them: then the 1-norm
         out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound),
-                    (l2 if t.independent else norm) * t.error, False)
+                    norm * t.mixed + l2 * t.fresh, 0.0)
         self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, out)
         self._width = m
         return out
@@ -366,7 +370,7 @@ class HybridDryRuntime(Runtime):
         slope = sum(i * abs(c) * x ** (i - 1) for i, c in enumerate(coeffs) if i)
         size = sum(abs(c) * x**i for i, c in enumerate(coeffs))
         extra = poly_mult_count(coeffs) * (self.noise.ks + self.noise.rs) * max(1.0, size)
-        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error, t.independent)
+        out = Track(t.levels - k, slope * t.noise + extra, slope * t.mixed, slope * t.fresh)  # slot-wise
         self._note(current_module() or "", f"poly(deg {degree})", k, out)
         return out
 
@@ -381,13 +385,12 @@ class HybridDryRuntime(Runtime):
     def _product(self, a: Track, b: Track) -> Track:
         x = self.bound
         out = Track(min(a.levels, b.levels) - 1, self.noise.product(a.noise, b.noise, x),
-                    x * (a.error + b.error) + a.error * b.error, a.independent and b.independent)
+                    x * (a.mixed + b.mixed) + a.error * b.error, x * (a.fresh + b.fresh))
         self._note(current_module() or "", "mul", 1, out)
         return out
 
     def add(self, a: Track, b: Track, negate_b: bool = False) -> Track:
-        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error,
-                     a.independent and b.independent)
+        return Track(min(a.levels, b.levels), a.noise + b.noise, a.mixed + b.mixed, a.fresh + b.fresh)
 
     def relu(self, payload: Track) -> Track:
         t = self.fit(payload, 1, self._width)
@@ -395,7 +398,7 @@ class HybridDryRuntime(Runtime):
         self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(self._width)))
         self.max_need = max(self.max_need, 1)
         out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0, self.relu_range * self.bound),
-                    math.hypot(t.error, self.sigma), t.independent or t.error == 0)
+                    t.mixed, math.hypot(t.fresh, self.sigma))  # relu is slot-wise and 1-Lipschitz
         self._note(current_module() or "", "relu (enclave)", 2, out)
         return out
 
@@ -495,7 +498,8 @@ class HybridBackend:
             secret_context=dump_context(secret, include_secret=True), policy=policy, config=pinned)
         refresher = Refresher(ctx, self.client, self.receipt.key_id, self.receipt.server_token, hy["value_bound"],
                               int(hy["mask_bits"]), int(hy["relu_mask_bits"]))
-        if self.runtime is not None:
+        if self.runtime is not None:  # rotated out: it only decrypts earlier results from now on
+            self.ctx.clear_cache(keep_caching=False)
             self._previous[self.ctx.fingerprint] = self.runtime
             while len(self._previous) > 8:
                 self._previous.pop(next(iter(self._previous)))

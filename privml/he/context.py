@@ -118,6 +118,12 @@ class CKKSContext:
     def cache_bytes(self, value: int) -> None:
         self._encoder.cache_bytes = value
 
+    def clear_cache(self, keep_caching: bool = True) -> None:
+        """Free the plaintext cache (e.g. of keys rotated out, which only decrypt from now on)."""
+        self._encoder.clear_cache()
+        if not keep_caching:
+            self._encoder.cache_bytes = 0
+
     def scale_at(self, level: int) -> float:
         """Canonical scale of a ciphertext at ``level``."""
         return self.chain.scale_at(level)

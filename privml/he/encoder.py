@@ -95,6 +95,11 @@ class Encoder:
                 self._cache_used += size
         return pt
 
+    def clear_cache(self) -> None:
+        """Drop every cached plaintext (and cache nothing more until ``cache_bytes`` is raised again)."""
+        self._cache.clear()
+        self._cache_used = 0
+
     def decode(self, pt: Any) -> np.ndarray:
         """All ``slots`` values of a plaintext."""
         return np.array(self._encoder.decode_double(pt))
