@@ -186,18 +186,13 @@ class HybridRuntime(Runtime):
 @dataclass(frozen=True)
 class Track:
     """A keyless payload: levels left above the floor, the ciphertext noise bound (worst case, value units) and
-    the flooding error it carries, as standard deviations: ``fresh``, independent across slots (flooded since the
-    last linear map, which grows it by its largest row 2-norm), and ``mixed``, already mixed by a map (grows by
-    the 1-norm, valid whatever the correlation)."""
+    ``error``, a bound on the square root of the largest eigenvalue of the flooding errors' covariance, so on
+    every slot's standard deviation whatever their correlation: a flood adds sigma^2 to it (independent), a
+    linear map multiplies it by its spectral norm, slot-wise maps by their slope (first order)."""
 
     levels: int
     noise: float
-    mixed: float = 0.0
-    fresh: float = 0.0
-
-    @property
-    def error(self) -> float:
-        return self.mixed + self.fresh
+    error: float = 0.0
 
 @dataclass
 class RefreshPoint:
@@ -211,38 +206,41 @@ DENSE_LIMIT = 4096  # throughput dry runs of larger maps keep norms only (a dens
 
 
 class NormOnly:
-    """A linear map known only by its shape and bounds on its norms (max row |w| sum, max row 2-norm).
+    """A linear map known only by its shape and bounds on its norms (max row |w| sum, spectral norm).
 
     Composition multiplies the bounds (``||AB|| <= ||A|| ||B||``), so a fused chain stays a valid bound;
     biases are dropped (noise and errors do not depend on them)."""
 
     __array_ufunc__ = None  # numpy defers `dense @ NormOnly` to __rmatmul__
 
-    def __init__(self, shape: tuple[int, int], norm: float, l2: float) -> None:
-        self.shape, self.norm, self.l2 = shape, norm, l2
+    def __init__(self, shape: tuple[int, int], norm: float, spec: float) -> None:
+        self.shape, self.norm, self.spec = shape, norm, spec
         self.size = shape[0] * shape[1]
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, NormOnly) or (isinstance(other, np.ndarray) and other.ndim == 2):
-            return NormOnly((self.shape[0], other.shape[1]), self.norm * _inf_norm(other), self.norm * _row_l2(other))
+            return NormOnly((self.shape[0], other.shape[1]), self.norm * _inf_norm(other), self.spec * _spectral(other))
         return np.zeros(self.shape[0])  # a bias: dropped
 
     def __rmatmul__(self, other: Any) -> Any:
         if isinstance(other, np.ndarray) and other.ndim == 2:
-            return NormOnly((other.shape[0], self.shape[1]), _inf_norm(other) * self.norm, _inf_norm(other) * self.l2)
+            return NormOnly((other.shape[0], self.shape[1]), _inf_norm(other) * self.norm, _spectral(other) * self.spec)
         return NotImplemented
 
 
 def _norm_only(fn: Any, abs_fn: Any, sample_shape: tuple[int, ...]) -> tuple[NormOnly, float, tuple[int, ...]]:
-    """Bounds of a per-sample linear map from one evaluation of its |weights| version on a ones vector."""
+    """Bounds of a per-sample linear map from its |weights| version: row sums |W| 1 (one evaluation on ones),
+    column sums |W|^T 1 (its gradient), spectral norm <= sqrt(||W||_1 ||W||_inf) (Schur)."""
+    ones = torch.ones((1, *sample_shape), dtype=torch.float64)
+    zeros = torch.zeros((1, *sample_shape), dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
-        ones = torch.ones((1, *sample_shape), dtype=torch.float64)
-        zeros = torch.zeros((1, *sample_shape), dtype=torch.float64)
-        rows = (abs_fn(ones) - abs_fn(zeros)).abs().reshape(-1)
+        rows = (abs_fn(ones) - abs_fn(zeros.detach())).abs().reshape(-1)
+        out_shape = tuple(fn(zeros.detach()).shape[1:])
+    abs_fn(zeros).sum().backward()
+    cols = zeros.grad.abs().reshape(-1)
     n, m = int(np.prod(sample_shape)), int(rows.numel())
-    out_shape = tuple(fn(zeros).shape[1:])
     norm = float(rows.max()) if m else 0.0
-    return NormOnly((m, n), norm, norm), np.zeros(m), out_shape
+    return NormOnly((m, n), norm, math.sqrt(norm * float(cols.max()))), np.zeros(m), out_shape
 
 
 def _inf_norm(w: Any) -> float:
@@ -252,11 +250,17 @@ def _inf_norm(w: Any) -> float:
     return float(np.abs(w).sum(axis=1).max()) if w.size else 0.0
 
 
-def _row_l2(w: Any) -> float:
-    """Largest row 2-norm: how much the standard deviation of independent slot errors can grow."""
+def _spectral(w: Any) -> float:
+    """Spectral norm (exact for moderate maps, the Schur bound sqrt(||W||_1 ||W||_inf) beyond): how much the
+    largest standard deviation of correlated errors can grow."""
     if isinstance(w, NormOnly):
-        return w.l2
-    return float(np.sqrt((w * w).sum(axis=1)).max()) if w.size else 0.0
+        return w.spec
+    if not w.size:
+        return 0.0
+    if w.size <= 1 << 24:
+        return float(np.linalg.norm(w, 2))
+    a = np.abs(w)
+    return math.sqrt(float(a.sum(axis=0).max()) * float(a.sum(axis=1).max()))
 
 
 class HybridDryRuntime(Runtime):
@@ -320,11 +324,11 @@ class HybridDryRuntime(Runtime):
         if t.levels >= k:
             return t
         if k > self.segment:
-            return Track(k, t.noise, t.mixed, t.fresh)  # recorded in max_need; the planner refuses this segment
+            return Track(k, t.noise, t.error)  # recorded in max_need; the planner refuses this segment
         where = current_module() or "(output: a pending linear map)"
         self.refreshes.append(RefreshPoint(where, "refresh", t.noise, self._count(width)))
         # the masked values pass through float64 (decode, flood, encode, subtract): a few ulps of |x + m|
-        return Track(self.segment, self.noise.fresh, t.mixed + self.mask_error, math.hypot(t.fresh, self.sigma))
+        return Track(self.segment, self.noise.fresh, math.hypot(t.error, self.sigma) + self.mask_error)
 
     def _note(self, names: str, op: str, cost: int, t: Track) -> None:
         self.log.append((names, op, cost, self.segment - t.levels))
@@ -347,15 +351,14 @@ class HybridDryRuntime(Runtime):
                 mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
                 steps, rotations = mv.rotation_steps(), int(mv.rotation_count)
                 babies, giants, terms = mv._baby_max, mv._g_hi - mv._g_lo, int(mv.diagonals.size)
-            hit = self._mv_cache[key] = (_inf_norm(affine.weight), _row_l2(affine.weight), steps, rotations,
+            hit = self._mv_cache[key] = (_inf_norm(affine.weight), _spectral(affine.weight), steps, rotations,
                                          babies, giants, terms)
-        norm, l2, steps, rotations, babies, giants, terms = hit
+        norm, spec, steps, rotations, babies, giants, terms = hit
         if self.layout == "latency":
             self.min_slots = max(self.min_slots, n + m)
             self.rotation_steps |= steps
             self.rotations += rotations * self.batch
-        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound),
-                    norm * t.mixed + l2 * t.fresh, 0.0)
+        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound), spec * t.error)
         self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, out)
         self._width = m
         return out
@@ -370,7 +373,7 @@ class HybridDryRuntime(Runtime):
         slope = sum(i * abs(c) * x ** (i - 1) for i, c in enumerate(coeffs) if i)
         size = sum(abs(c) * x**i for i, c in enumerate(coeffs))
         extra = poly_mult_count(coeffs) * (self.noise.ks + self.noise.rs) * max(1.0, size)
-        out = Track(t.levels - k, slope * t.noise + extra, slope * t.mixed, slope * t.fresh)  # slot-wise
+        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error)  # slot-wise
         self._note(current_module() or "", f"poly(deg {degree})", k, out)
         return out
 
@@ -385,12 +388,12 @@ class HybridDryRuntime(Runtime):
     def _product(self, a: Track, b: Track) -> Track:
         x = self.bound
         out = Track(min(a.levels, b.levels) - 1, self.noise.product(a.noise, b.noise, x),
-                    x * (a.mixed + b.mixed) + a.error * b.error, x * (a.fresh + b.fresh))
+                    x * (a.error + b.error) + a.error * b.error)
         self._note(current_module() or "", "mul", 1, out)
         return out
 
     def add(self, a: Track, b: Track, negate_b: bool = False) -> Track:
-        return Track(min(a.levels, b.levels), a.noise + b.noise, a.mixed + b.mixed, a.fresh + b.fresh)
+        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error)
 
     def relu(self, payload: Track) -> Track:
         t = self.fit(payload, 1, self._width)
@@ -398,7 +401,7 @@ class HybridDryRuntime(Runtime):
         self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(self._width)))
         self.max_need = max(self.max_need, 1)
         out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0, self.relu_range * self.bound),
-                    t.mixed, math.hypot(t.fresh, self.sigma))  # relu is slot-wise and 1-Lipschitz
+                    math.hypot(t.error, self.sigma))  # relu is slot-wise and 1-Lipschitz
         self._note(current_module() or "", "relu (enclave)", 2, out)
         return out
 

@@ -108,7 +108,7 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
                   "predicted_ms": round(r.ciphertexts * per_ct * 1e3, 1)}
                  for r in run.refreshes]
     primes = len(chain) - 1
-    seconds = (run.rotations * ROTATION_S + run_mults(run) * PT_MULT_S) * n * primes
+    seconds = (run.rotations * ROTATION_S * primes + run_mults(run) * PT_MULT_S) * n * primes
     seconds += sum(r.ciphertexts for r in run.refreshes) * per_ct
     err = TAIL * float(out.error)
     per_batch = sum(r["ciphertexts"] for r in refreshes)  # latency: per sample; throughput: per batch
