@@ -351,8 +351,8 @@ class HybridSessionConfig(SessionConfig):
     backend: ClassVar[str] = "hybrid"
     session_only: ClassVar[tuple[str, ...]] = ("min_flood_security_bits", "min_mask_bits", "min_relu_mask_bits")
 
-    enclave: Any = option(None, "the enclave: an EnclaveProcess, a socket path, or None to launch a simulated "
-                          "one for this session", cli=False)
+    enclave: Any = option(None, "the enclave: an EnclaveProcess (or anything with address, root_certificate and "
+                          "region), or None to launch a simulated one for this session", cli=False)
     allowed_regions: tuple[str, ...] | None = option(("eu-central-1",), "regions the enclave may run in "
                                                      "(checked in its attestation); None: any")
     rate_limit: float = option(1e6, "ciphertexts per second the enclave may decrypt for this key", min=0)

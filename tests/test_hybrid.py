@@ -163,6 +163,12 @@ def test_server_holds_no_secret_key_and_refreshes_through_the_enclave(mlp_plan):
     assert (y - model(x[:2])).abs().max() <= compiled.plan.params["hybrid"]["output_error_bound"]
 
 
+def test_an_enclave_given_without_its_root_certificate_is_refused(mlp_plan):
+    _, compiled, _ = mlp_plan
+    with pytest.raises(InvalidInput, match="root_certificate"):
+        privml.Session(compiled.plan, enclave="/tmp/some/enclave.sock")
+
+
 def test_release_floods_the_clients_decryption(mlp_plan):
     _, compiled, x = mlp_plan
     sigma = compiled.plan.params["hybrid"]["release_sigma"]

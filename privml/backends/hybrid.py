@@ -472,6 +472,11 @@ class HybridBackend:
             self._tmp = tempfile.TemporaryDirectory(prefix="privml-enclave-")
             region = allowed_regions[0] if allowed_regions else "eu-central-1"
             enclave = self._own = enc.launch(self._tmp.name, region=region, timeout=timeout)
+        missing = [a for a in ("address", "root_certificate", "region") if not hasattr(enclave, a)]
+        if missing:
+            raise InvalidInput(f"privml: enclave= must be an EnclaveProcess (privml.enclave.launch) or an object with "
+                               f"address, root_certificate and region (the vendor root the attestation must chain to); "
+                               f"got {type(enclave).__name__} without {', '.join(missing)}")
         self.enclave = enclave
         self.client = enc.EnclaveClient(enclave.address, timeout=timeout)
         self.keys_used = 0
