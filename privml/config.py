@@ -262,6 +262,10 @@ class HybridConfig(CompileConfig):
     decryption_budget: int = option(64, "ciphertexts the enclave may decrypt per key (alpha of the "
                                     "flooding bound; the enclave refuses more)", min=1)
     flood_security_bits: int = option(30, "statistical security s of the noise flooding (>= 30)", min=30)
+    flooding: str = option("auto", "where the LMSS flooding goes: refresh (the enclave floods every refresh), "
+                           "release (refreshes carry their noise; outputs decrypted with release=True are flooded "
+                           "for the carried total), auto (refresh when that keeps the output tolerance, else release)",
+                           choices=("auto", "refresh", "release"))
     mask_bits: int = option(20, "additive blinding of a pure refresh: masks 2^mask_bits x the value bound "
                             "(statistical distance 2^-mask_bits)", min=1, max=40)
     relu_mask_bits: int = option(2, "exact ReLU: positive per-slot masks in [1, 2^relu_mask_bits] (hide each "
@@ -349,7 +353,8 @@ class MPCSessionConfig(SessionConfig):
 @dataclass(frozen=True)
 class HybridSessionConfig(SessionConfig):
     backend: ClassVar[str] = "hybrid"
-    session_only: ClassVar[tuple[str, ...]] = ("min_flood_security_bits", "min_mask_bits", "min_relu_mask_bits")
+    session_only: ClassVar[tuple[str, ...]] = ("min_flood_security_bits", "min_mask_bits", "min_relu_mask_bits",
+                                               "require_refresh_flooding")
 
     enclave: Any = option(None, "the enclave: an EnclaveProcess (or anything with address, root_certificate and "
                           "region), or None to launch a simulated one for this session", cli=False)
@@ -365,6 +370,8 @@ class HybridSessionConfig(SessionConfig):
     min_flood_security_bits: int = option(30, "refuse plans flooding at fewer bits of statistical security", min=30)
     min_mask_bits: int = option(16, "refuse plans blinding pure refreshes with smaller additive masks", min=1)
     min_relu_mask_bits: int = option(1, "refuse plans whose exact-ReLU masks span less than 2^this", min=0)
+    require_refresh_flooding: bool = option(False, "refuse plans that flood only released outputs "
+                                            "(flooding='release') instead of every refresh")
 
 
 # ---------------------------------------------------------------------------------------------------------------

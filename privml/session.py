@@ -131,9 +131,19 @@ class Session:
         if hy["noise_bound"] < noise.rs * (1 - 1e-9):
             refuse(f"a noise bound of {hy['noise_bound']:.3g}, below one rescale's {noise.rs:.3g}")
         factor = flood_factor(params.poly_modulus_degree, int(hy["decryption_budget"]), int(hy["flood_security_bits"]))
-        if hy["flood_sigma"] < factor * hy["noise_bound"] * (1 - 1e-6):
+        flooding = hy.get("flooding", "refresh")
+        if flooding not in ("refresh", "release"):
+            refuse(f"unknown flooding mode {flooding!r}")
+        if flooding == "release" and cfg.require_refresh_flooding:
+            refuse("its refreshes are not flooded (flooding='release') and this session has "
+                   "require_refresh_flooding=True")
+        if flooding == "refresh" and hy["flood_sigma"] < factor * hy["noise_bound"] * (1 - 1e-6):
             refuse(f"flood_sigma {hy['flood_sigma']:.3g} is below sqrt(24 N alpha) 2^(s/2) x the noise bound "
                    f"= {factor * hy['noise_bound']:.3g}")
+        if flooding == "release" and (hy["flood_sigma"] < hy["noise_bound"] * (1 - 1e-6) or hy["release_sigma"]
+                                      < factor * max(hy["output_noise_bound"], hy["noise_bound"]) * (1 - 1e-6)):
+            refuse(f"release flooding of sigma {hy['release_sigma']:.3g} is below sqrt(24 N alpha) 2^(s/2) x the "
+                   f"carried output noise bound {hy['output_noise_bound']:.3g}")
         if hy["release_sigma"] < factor * noise.rs * (1 - 1e-6):
             refuse(f"release_sigma {hy['release_sigma']:.3g} is below the flooding of one rescale's noise "
                    f"({factor * noise.rs:.3g})")

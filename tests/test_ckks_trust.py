@@ -91,12 +91,13 @@ def server(setup) -> CKKSServer:
 
 
 def encrypted(rt: Runtime, x: torch.Tensor) -> CKKSTensor:
-    return CKKSTensor(rt.encrypt(x), tuple(x.shape), torch.float32, runtime=rt, pending=None)
+    return CKKSTensor(rt.encrypt(x), tuple(x.shape), torch.float32, runtime=rt, pending=None,
+                      packing=rt.input_packing(tuple(x.shape)))
 
 
 def decrypted(rt: Runtime, t: CKKSTensor) -> np.ndarray:
     t = t.materialized()
-    return rt.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
+    return rt.decrypt(t.payload, t.shape[0], t.packing)
 
 
 # --------------------------------------------------------------------------------------------- 1. caches

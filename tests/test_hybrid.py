@@ -62,7 +62,7 @@ def mlp_plan() -> tuple[nn.Module, privml.CompiledModel, torch.Tensor]:
     model, x = _mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = privml.compile(model, x, backend="hybrid")
+        compiled = privml.compile(model, x, backend="hybrid", flooding="refresh")
     return model, compiled, x
 
 
@@ -323,3 +323,23 @@ def test_mixed_model_polynomial_gelu_enclave_relu_batchnorm_residual_and_client_
         y = s.decrypt(compiled(s.encrypt(x[:1])))
     assert (y - compiled(x[:1])).abs().max() < 0.02  # probabilities; the logits are within the plan bound
     assert torch.equal(y.argmax(1), model(x[:1]).argmax(1))
+
+
+def test_release_flooding_carries_the_noise_and_a_session_may_refuse_it():
+    """flooding='release': refreshes add only noise-sized Gaussians; released outputs are flooded for the
+    carried noise bound; a session that requires refresh flooding refuses such a plan."""
+    model, x = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = privml.compile(model, x, backend="hybrid", flooding="release")
+    hy = compiled.plan.params["hybrid"]
+    assert hy["flooding"] == "release"
+    assert hy["flood_sigma"] == pytest.approx(hy["noise_bound"])
+    factor = math.sqrt(24 * compiled.plan.params["poly_modulus_degree"] * hy["decryption_budget"]) * 2 ** 15
+    assert hy["release_sigma"] == pytest.approx(factor * hy["output_noise_bound"])
+    assert hy["output_noise_bound"] > hy["noise_bound"]  # carried across refreshes, never reset
+    with pytest.raises(MalformedInput, match="require_refresh_flooding"):
+        privml.Session(compiled.plan, require_refresh_flooding=True)
+    with privml.Session(compiled.plan, out_of_range="warn") as s:
+        y = s.decrypt(compiled(s.encrypt(x[:4])))
+    assert torch.allclose(y, model(x[:4]), atol=1e-3)

@@ -3,19 +3,23 @@
 ``CKKSTensor`` only routes; the maths lives in ``privml.he`` (parameters, guarded
 evaluation, baby-step giant-step matrix products, minimal-depth polynomials).
 
-Every linear op (``F.linear``, ``F.conv2d`` at any stride/padding, pooling,
-folded or unfolded BatchNorm, flatten/reshape, sums, means, plain additions and
-scalings) is turned into an affine map on the per-sample flattened vector by
-evaluating it on the identity basis. Consecutive linear ops are *fused*: the
-tensor keeps a ``pending`` affine map and only materializes it (one level, one
-diagonal product) when a non-linear op needs the value. So ``conv -> avgpool``
-or ``avgpool -> flatten -> linear`` cost one level, not two or three.
+Every linear op (``F.linear``, ``F.conv2d`` at any stride/padding/dilation/groups,
+pooling, folded or unfolded BatchNorm, flatten/reshape, sums, means, plain additions
+and scalings) is turned into a *sparse* affine map on the per-sample flattened vector
+(:mod:`privml.backends.linmaps`: generated from the op's structure, never a dense
+n x n matrix). Consecutive linear ops are *fused*: the tensor keeps a ``pending``
+affine map and only materializes it (one level, one block diagonal product) when a
+non-linear op needs the value. So ``conv -> avgpool`` or ``avgpool -> flatten ->
+linear`` cost one level, not two or three.
 
-Two layouts share the same routing:
+A tensor's ``packing`` (:mod:`privml.he.packing`) says where its payload's values
+live; two layouts share the same routing:
 
-* ``latency``: one ciphertext per sample, the flattened sample in slots [0, n);
-  a linear map is one ``DiagonalMatVec`` (rotations ~ 2 sqrt(#diagonals)).
-* ``throughput``: one ciphertext per feature, the batch across slots (up to N/2
+* ``latency``: each sample in its own ciphertexts (as many as it needs: a CIFAR
+  16x32x32 feature map spans several), feature maps in a multiplexed grid packing so
+  strided convolutions and pooling waste no slots; a linear map is one
+  ``BlockMatVec`` (baby-step giant-step over the blocks' cyclic diagonals).
+* ``throughput``: the batch across slots, one feature per ciphertext (up to N/2
   samples); a linear map is scalar multiply-adds with no rotation at all.
 
 A ``DryRuntime`` runs the same routing without keys or ciphertexts: compile uses
@@ -35,10 +39,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils._pytree import tree_map
 
 from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
+from privml.he import packing as packings
+from privml.he.packing import Packing
 from privml.registry import REGISTRY
 from privml.tensor import PrivateTensor, current_module, out_of_place
 from privml.tensor.base import op_name, unsupported
@@ -53,17 +60,17 @@ aten = torch.ops.aten
 # --------------------------------------------------------------------------------------------- affine maps
 @dataclass
 class Affine:
-    """y = weight @ x + bias on the flattened sample; ``names`` says which ops were fused into it."""
+    """y = weight @ x + bias on the flattened sample (``weight``: sparse CSR); ``names``: the fused ops."""
 
-    weight: np.ndarray
+    weight: sp.csr_matrix
     bias: np.ndarray
     key: tuple
     names: tuple[str, ...]
 
     def then(self, other: Affine) -> Affine:
         """This map followed by ``other``."""
-        return Affine(other.weight @ self.weight, other.weight @ self.bias + other.bias, self.key + other.key,
-                      self.names + other.names)
+        return Affine(sp.csr_matrix(other.weight @ self.weight), other.weight @ self.bias + other.bias,
+                      self.key + other.key, self.names + other.names)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -131,30 +138,68 @@ def _progress(items: list, what: str) -> Any:
     return tqdm(items, desc=f"ckks {what}", unit="ct", leave=False, disable=len(items) < 64)
 
 
-class Runtime:
-    """Executes payload-level ops for one context and layout; caches affine maps and encoded diagonals."""
+def build_matvec(affine: Affine, src: Packing, dst: Packing, slots: int, expansion: Any = None,
+                 key_mode: str = "direct") -> Any:
+    """The block diagonal product computing ``affine`` from packing ``src`` into packing ``dst``."""
+    from privml.he.kernels import BlockMatVec
 
-    def __init__(self, ctx: Any, layout: str, expansion: Any = None) -> None:
+    w = affine.weight
+    if expansion is not None:  # the first layer on the client-expanded input x' (privml.he.expansion)
+        w = sp.csr_matrix(expansion.weight(w.toarray()))
+    coo = w.tocoo()
+    bias = None
+    if affine.bias is not None and np.any(affine.bias):
+        bias = np.zeros(dst.n_cts * dst.per_ct)
+        bias[dst.units] = affine.bias
+    return BlockMatVec(dst.units[coo.row], src.units[coo.col], coo.data, src.n_cts, dst.n_cts, slots,
+                       width=src.width, bias=bias, key_mode=key_mode)
+
+
+class Runtime:
+    """Executes payload-level ops for one context and layout; caches affine maps and encoded diagonals.
+
+    A payload is a flat list of ciphertexts: in the latency layout sample after sample, each sample
+    ``packing.n_cts`` ciphertexts; in the throughput layout ``packing.n_cts`` ciphertexts for the batch."""
+
+    def __init__(self, ctx: Any, layout: str, expansion: Any = None, key_mode: str = "direct") -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
         self.ctx = ctx
         self.layout = layout
         self.expansion = expansion  # privml.he.expansion.InputExpansion for the first layer (latency only)
-        self._affine_cache: dict[tuple, tuple[np.ndarray, np.ndarray, tuple[int, ...]]] = {}
+        self.key_mode = key_mode
+        self._affine_cache: dict[tuple, tuple[sp.csr_matrix, np.ndarray, tuple[int, ...]]] = {}
         self._matvec_cache: dict[tuple, Any] = {}
 
     @property
     def slots(self) -> int:
         return self.ctx.slots
 
-    def affine_of(self, key: tuple, fn: Callable, sample_shape: tuple[int, ...], abs_fn: Callable | None = None
-                  ) -> tuple:
-        """(W, b, output shape) of ``fn``, cached; ``abs_fn`` (the same op on |weights|) lets keyless dry runs
-        bound large maps without building them."""
+    def affine_of(self, key: tuple, op: tuple, sample_shape: tuple[int, ...]) -> tuple:
+        """(W, b, output shape) of the op ``(func, args, kwargs, private, per_sample)``, cached by ``key``."""
+        from privml.backends.linmaps import linear_map
+
         hit = self._affine_cache.get(key)
         if hit is None:
-            hit = self._affine_cache[key] = extract_affine(fn, sample_shape)
+            func, args, kwargs, private, per_sample = op
+            hit = self._affine_cache[key] = linear_map(func, args, kwargs, private, sample_shape, per_sample)
         return hit
+
+    def input_packing(self, shape: tuple[int, ...]) -> Packing:
+        """How a freshly encrypted batch of ``shape`` is packed."""
+        sample = tuple(shape[1:])
+        n = int(np.prod(sample)) if sample else 1
+        if self.layout == "throughput":
+            if shape[0] > self.slots:
+                raise InvalidInput(f"privml: batch of {shape[0]} exceeds the {self.slots} slots of the throughput "
+                                   "layout: split it into chunks")
+            return packings.dense(n, self.slots, width=self.slots)
+        if self.expansion is not None:
+            return packings.dense(int(self.expansion.index.size), self.slots)
+        return packings.for_shape(sample, self.slots)
+
+    def _encrypt_vector(self, v: np.ndarray) -> Any:
+        return self.ctx.encrypt(v)
 
     # ---- client side
     def encrypt(self, x: torch.Tensor) -> list:
@@ -162,37 +207,57 @@ class Runtime:
             raise InvalidInput(f"privml: cannot encrypt an empty batch (shape {list(x.shape)}): the CKKS backend "
                                "needs at least one sample with at least one value")
         flat = x.detach().double().reshape(x.shape[0], -1).numpy()
+        pk = self.input_packing(tuple(x.shape))
         if self.layout == "latency":
             if self.expansion is not None:
                 flat = self.expansion.expand(flat)
-            if flat.shape[1] > self.slots:
-                raise InvalidInput(f"privml: a sample has {flat.shape[1]} values but a ciphertext holds {self.slots}")
-            cts = [self.ctx.encrypt(row) for row in flat]
+                if flat.shape[1] > self.slots:
+                    raise InvalidInput(f"privml: an expanded sample has {flat.shape[1]} values but a ciphertext "
+                                       f"holds {self.slots}")
+            cts = [self._encrypt_vector(v) for row in flat for v in pk.scatter(row, self.slots)]
             return ExpandedInput(cts) if self.expansion is not None else cts
-        if flat.shape[0] > self.slots:
-            raise InvalidInput(f"privml: batch of {flat.shape[0]} exceeds the {self.slots} slots of the throughput "
-                               "layout: split it into chunks")
-        return [self.ctx.encrypt(col) for col in flat.T]
+        lanes = np.zeros((flat.shape[1], pk.width))
+        lanes[:, : flat.shape[0]] = flat.T
+        return [self._encrypt_vector(v) for v in pk.scatter(lanes, self.slots)]
 
-    def decrypt(self, payload: list, batch: int, numel: int) -> np.ndarray:
+    def decrypt(self, payload: list, batch: int, packing: Packing) -> np.ndarray:
+        """(batch, n) values of a materialized payload packed as ``packing``."""
         _not_expanded(payload)
+        vectors = [self.ctx.decrypt(ct) for ct in payload]
+        k = packing.n_cts
         if self.layout == "latency":
-            return np.stack([self.ctx.decrypt(ct)[:numel] for ct in payload])
-        return np.stack([self.ctx.decrypt(ct)[:batch] for ct in payload], axis=1)
+            if len(vectors) != batch * k:
+                raise MalformedInput(f"privml: {len(vectors)} ciphertexts for {batch} samples of {k} each")
+            return np.stack([packing.gather(vectors[i * k:(i + 1) * k]) for i in range(batch)])
+        if len(vectors) != k:
+            raise MalformedInput(f"privml: {len(vectors)} ciphertexts where the packing has {k}")
+        return packing.gather(vectors)[:, :batch].T
 
     # ---- server side
-    def apply_affine(self, payload: list, affine: Affine) -> list:
-        from privml.he.kernels import DiagonalMatVec, dense_throughput
-
-        if self.layout == "throughput":
-            return dense_throughput(self.ctx, payload, affine.weight, affine.bias)
-        expanded = isinstance(payload, ExpandedInput)
-        key = affine.key + (("expanded",) if expanded else ())
+    def matvec(self, affine: Affine, src: Packing, dst: Packing, expanded: bool = False) -> Any:
+        """The (cached) block diagonal product of ``affine`` between two packings."""
+        key = (affine.key, src, dst, expanded, self.key_mode)
         mv = self._matvec_cache.get(key)
         if mv is None:
-            weight = self.expansion.weight(affine.weight) if expanded else affine.weight
-            mv = self._matvec_cache[key] = DiagonalMatVec(weight, affine.bias, self.slots)
-        return [mv.apply(self.ctx, ct) for ct in payload]
+            mv = self._matvec_cache[key] = build_matvec(affine, src, dst, self.slots,
+                                                        self.expansion if expanded else None, self.key_mode)
+        return mv
+
+    def apply_affine(self, payload: list, affine: Affine, src: Packing, out_shape: tuple[int, ...],
+                     dst: Packing | None = None) -> tuple[list, Packing]:
+        """``affine`` on a payload packed as ``src``; returns the result and its packing (``dst`` if given)."""
+        from privml.he.kernels import dense_throughput
+
+        dst = dst or packings.output_packing(src, out_shape, self.slots)
+        if self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1:
+            return dense_throughput(self.ctx, payload, affine.weight, affine.bias), dst
+        mv = self.matvec(affine, src, dst, isinstance(payload, ExpandedInput))
+        if self.layout == "throughput":
+            return mv.apply(self.ctx, list(payload)), dst
+        k, out = src.n_cts, []
+        for i in range(0, len(payload), k):
+            out += mv.apply(self.ctx, list(payload[i:i + k]))
+        return out, dst
 
     def poly(self, payload: list, coeffs: list[float], input_bound: float | None = None) -> list:
         """Evaluate the polynomial on every ciphertext (``input_bound``: max |input|, for keyless noise bounds)."""
@@ -222,19 +287,21 @@ class Runtime:
 class DryRuntime(Runtime):
     """Same routing, no keys: the payload is the number of levels used so far (an int).
 
-    Records the total depth, the rotation steps the latency layout's diagonal products
-    need, the slots they need, and a log of which fused ops consumed which level.
+    Records the total depth, the rotation steps the block diagonal products need, the slots they
+    need, and a log of which fused ops consumed which level.
     """
 
-    def __init__(self, layout: str, slots: int = 1 << 14) -> None:
-        super().__init__(None, layout)
+    def __init__(self, layout: str, slots: int = 1 << 14, key_mode: str = "direct") -> None:
+        super().__init__(None, layout, key_mode=key_mode)
         self._slots = slots
         self.depth = 0
         self.rotation_steps: set[int] = set()
         self.min_slots = 1
         self.log: list[tuple[str, str, int, int]] = []  # (names, op, levels consumed, depth after)
         self.fresh_maps: set[tuple] = set()  # distinct affine maps applied directly to the fresh input
-        self.first_weight: np.ndarray | None = None
+        self.first_weight: sp.csr_matrix | None = None
+        self.plaintexts = 0  # encoded diagonals one forward pass caches
+        self.rotation_uses: dict[int, int] = {}  # rotation step -> rotations by it per forward pass
 
     @property
     def slots(self) -> int:
@@ -246,21 +313,27 @@ class DryRuntime(Runtime):
         return after
 
     def encrypt(self, x: torch.Tensor) -> int:
-        self.min_slots = max(self.min_slots, int(np.prod(x.shape[1:])) if self.layout == "latency" else x.shape[0])
+        self.min_slots = max(self.min_slots, x.shape[0] if self.layout == "throughput" else
+                             int(self.expansion.index.size) if self.expansion is not None else 1)
+        self.batch = int(x.shape[0])
         return 0
 
-    def apply_affine(self, payload: int, affine: Affine) -> int:
-        from privml.he.kernels import DiagonalMatVec
-
-        m, n = affine.weight.shape
-        if self.layout == "latency":
-            if payload == 0:
-                self.fresh_maps.add(affine.key)
-                self.first_weight = affine.weight
-            self.min_slots = max(self.min_slots, n + m)
-            mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
+    def apply_affine(self, payload: int, affine: Affine, src: Packing, out_shape: tuple[int, ...],
+                     dst: Packing | None = None) -> tuple[int, Packing]:
+        dst = dst or packings.output_packing(src, out_shape, self.slots)
+        if payload == 0:
+            self.fresh_maps.add(affine.key)
+            self.first_weight = affine.weight
+        names = "+".join(dict.fromkeys(affine.names))
+        if not (self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1):
+            expanded = payload == 0 and self.expansion is not None
+            mv = build_matvec(affine, src, dst, self.slots, self.expansion if expanded else None, self.key_mode)
             self.rotation_steps |= mv.rotation_steps()
-        return self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, payload + 1)
+            times = self.batch if self.layout == "latency" else 1
+            for step, count in mv.rotation_uses().items():
+                self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * times
+            self.plaintexts += mv.plaintext_count
+        return self._note(names, "linear", 1, payload + 1), dst
 
     def poly(self, payload: int, coeffs: list[float], input_bound: float | None = None) -> int:
         from privml.he.kernels import poly_depth
@@ -292,10 +365,11 @@ class DryRuntime(Runtime):
 
 # --------------------------------------------------------------------------------------------- the tensor
 class CKKSTensor(PrivateTensor):
-    """A batch of CKKS-encrypted samples; ``pending`` is a fused affine map not yet applied."""
+    """A batch of CKKS-encrypted samples; ``pending`` is a fused affine map not yet applied, ``packing`` says
+    where the payload's values live (the input of ``pending`` when one is set)."""
 
     backend_name = "ckks"
-    metadata_fields = ("runtime", "pending")
+    metadata_fields = ("runtime", "pending", "packing")
 
     @property
     def layout(self) -> str:
@@ -309,15 +383,25 @@ class CKKSTensor(PrivateTensor):
         """The same value with any pending affine map applied (one level)."""
         if self.pending is None:
             return self
-        payload = self.runtime.apply_affine(self.payload, self.pending)
-        return type(self)(payload, self.shape, self.dtype, runtime=self.runtime, pending=None)
+        payload, packing = self.runtime.apply_affine(self.payload, self.pending, self.packing, tuple(self.shape[1:]))
+        return type(self)(payload, self.shape, self.dtype, runtime=self.runtime, pending=None, packing=packing)
+
+    def repacked(self, packing: Packing) -> CKKSTensor:
+        """The same value packed as ``packing`` (one level: an identity map between the packings)."""
+        x = self.materialized()
+        if x.packing == packing:
+            return x
+        n = x.packing.n
+        ident = Affine(sp.identity(n, format="csr"), np.zeros(n), (("repack", x.packing, packing),), ("repack",))
+        payload, packing = x.runtime.apply_affine(x.payload, ident, x.packing, tuple(x.shape[1:]), packing)
+        return type(x)(payload, x.shape, x.dtype, runtime=x.runtime, pending=None, packing=packing)
 
     def finalize(self) -> CKKSTensor:
         return self.materialized()
 
     def with_payload(self, payload: Any, shape: tuple[int, ...] | None = None) -> CKKSTensor:
         return type(self)(payload, shape if shape is not None else self.shape, self.dtype, runtime=self.runtime,
-                          pending=None)
+                          pending=None, packing=self.packing)
 
 
 def _private(args: tuple, kwargs: dict) -> list[CKKSTensor]:
@@ -338,6 +422,11 @@ def _check_plain_operands(x: CKKSTensor, func: object, args: tuple, kwargs: dict
                                   "samples (batch dimension 1).")
             if not torch.isfinite(a).all():
                 raise InvalidInput(f"privml: a plain operand of {op_name(func)} contains NaN or inf")
+    spec = REGISTRY.for_function(func)
+    divisor = args[1] if spec is not None and spec.name == "div" and len(args) > 1 else None
+    if isinstance(divisor, (int, float, torch.Tensor)) and not isinstance(divisor, PrivateTensor):
+        if bool((torch.as_tensor(divisor) == 0).any()):
+            raise InvalidInput(f"privml: {op_name(func)} divides an encrypted tensor by zero")
 
 
 _ELEMENTWISE = ("add", "sub", "mul", "div")
@@ -365,25 +454,13 @@ def _affine(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor
         with torch._C.DisableTorchFunctionSubclass():
             return target(*tree_map(swap, args), **tree_map(swap, kwargs))
 
-    def per_sample_abs(z: torch.Tensor) -> torch.Tensor:  # the op on |weights|: |W| z (plus some bias)
-        def swap(a: object) -> object:
-            if a is x:
-                return z
-            if isinstance(a, torch.Tensor) and a.is_floating_point():
-                return a.detach().double().abs()
-            if isinstance(a, float):
-                return abs(a)
-            return a
-
-        with torch._C.DisableTorchFunctionSubclass():
-            return target(*tree_map(swap, args), **tree_map(swap, kwargs))
-
     sample_shape = tuple(x.shape[1:])
     key = (op_name(func), _arg_key(args), _arg_key(kwargs), sample_shape)
-    w, b, out_shape = x.runtime.affine_of(key, per_sample, sample_shape, abs_fn=per_sample_abs)
+    w, b, out_shape = x.runtime.affine_of(key, (func, args, kwargs, x, per_sample), sample_shape)
     step = Affine(w, b, (key,), (current_module() or op_name(func),))
     pending = step if x.pending is None else x.pending.then(step)
-    return type(x)(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending)
+    return type(x)(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending,
+                   packing=x.packing)
 
 
 CKKSTensor.implements("linear", "conv2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "sum", "mean",
@@ -398,7 +475,7 @@ def _reshape(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTenso
         probe = func(torch.empty(x.shape, device="meta"), *rest, **kwargs)
     if probe.shape[0] != x.shape[0] or probe.numel() != x.numel():
         raise unsupported(CKKSTensor, func, args, kwargs, "reshapes must keep the batch dimension first.")
-    return type(x)(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending)
+    return type(x)(x.payload, tuple(probe.shape), x.dtype, runtime=x.runtime, pending=x.pending, packing=x.packing)
 
 
 @CKKSTensor.implements("identity", "dropout", "stochastic_depth")
@@ -431,6 +508,8 @@ def _binary(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor
     same = a is b
     a = a.materialized()
     b = a if same else b.materialized()
+    if b.packing != a.packing:  # e.g. a residual branch laid out differently from its shortcut
+        b = b.repacked(a.packing)
     rt = a.runtime
     if combine == "mul":
         payload = rt.square(a.payload) if same else rt.mul(a.payload, b.payload)
@@ -439,12 +518,18 @@ def _binary(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor
     return a.with_payload(payload)
 
 
-def _as_affine(x: CKKSTensor) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+def _as_affine(x: CKKSTensor) -> tuple[sp.csr_matrix, np.ndarray, tuple, tuple]:
     """x's pending map as (W, b, key, names), the identity when nothing is pending."""
     if x.pending is not None:
         return x.pending.weight, x.pending.bias, x.pending.key, x.pending.names
     n = int(np.prod(x.shape[1:]))
-    return np.eye(n), np.zeros(n), (), ()
+    return sp.identity(n, format="csr"), np.zeros(n), (), ()
+
+
+def _broadcast_rows(shape: tuple[int, ...], out: tuple[int, ...]) -> np.ndarray:
+    """For each flat index of ``out``, the flat index of ``shape`` that broadcasting reads."""
+    idx = np.arange(int(np.prod(shape)) if shape else 1).reshape(shape)
+    return np.broadcast_to(idx, out).reshape(-1)
 
 
 def _combine_same_base(a: CKKSTensor, b: CKKSTensor, sign: float) -> CKKSTensor:
@@ -452,13 +537,13 @@ def _combine_same_base(a: CKKSTensor, b: CKKSTensor, sign: float) -> CKKSTensor:
     (e.g. a residual branch added to its own input, or x.sum(...) + x.mean(...))."""
     wa, ba, ka, na = _as_affine(a)
     wb, bb, kb, nb = _as_affine(b)
-    n = wa.shape[1]
     sa, sb = tuple(a.shape[1:]), tuple(b.shape[1:])
-    out = torch.broadcast_shapes(sa, sb)
-    w = (np.broadcast_to(wa.reshape(*sa, n), (*out, n)) + sign * np.broadcast_to(wb.reshape(*sb, n), (*out, n)))
-    bias = np.broadcast_to(ba.reshape(sa), out) + sign * np.broadcast_to(bb.reshape(sb), out)
-    pending = Affine(w.reshape(-1, n).copy(), bias.reshape(-1).copy(), (("combine", sign, ka, kb),), na + nb)
-    return type(a)(a.payload, (a.shape[0], *out), a.dtype, runtime=a.runtime, pending=pending)
+    out = tuple(torch.broadcast_shapes(sa, sb))
+    ra, rb = _broadcast_rows(sa, out), _broadcast_rows(sb, out)
+    w = sp.csr_matrix(wa[ra] + sign * wb[rb])
+    bias = ba[ra] + sign * bb[rb]
+    pending = Affine(w, bias, (("combine", sign, ka, kb),), na + nb)
+    return type(a)(a.payload, (a.shape[0], *out), a.dtype, runtime=a.runtime, pending=pending, packing=a.packing)
 
 
 @CKKSTensor.implements("matmul")
@@ -523,7 +608,7 @@ def dumps(t: CKKSTensor) -> bytes:
 
     t = t.materialized()
     header = json.dumps({"shape": list(t.shape), "layout": t.layout,
-                         "expanded": isinstance(t.payload, ExpandedInput)}).encode()
+                         "expanded": isinstance(t.payload, ExpandedInput), "packing": t.packing.to_dict()}).encode()
     body = dump_ciphertexts(t.runtime.ctx, list(t.payload))
     data = _TENSOR_MAGIC + struct.pack("<HI", _TENSOR_VERSION, len(header)) + header + body
     return data + _digest(data)
@@ -538,13 +623,13 @@ _MAX_DIMS = 8
 _MAX_DIM = 1 << 24
 
 
-def _parse_header(raw: bytes) -> tuple[tuple[int, ...], str, bool]:
-    """(shape, layout, expanded) of a tensor header; MalformedInput for anything but the exact expected types."""
+def _parse_header(raw: bytes) -> tuple[tuple[int, ...], str, bool, Packing]:
+    """(shape, layout, expanded, packing) of a tensor header; MalformedInput for anything but the exact types."""
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, nesting deeper than the parser allows
         raise MalformedInput("privml: corrupt encrypted tensor header (not JSON)") from None
-    if not isinstance(header, dict) or set(header) - {"shape", "layout", "expanded"}:
+    if not isinstance(header, dict) or set(header) != {"shape", "layout", "expanded", "packing"}:
         raise MalformedInput("privml: corrupt encrypted tensor header (unexpected structure or fields)")
     shape, layout, expanded = header.get("shape"), header.get("layout"), header.get("expanded", False)
     if (not isinstance(shape, list) or not 1 <= len(shape) <= _MAX_DIMS
@@ -554,7 +639,17 @@ def _parse_header(raw: bytes) -> tuple[tuple[int, ...], str, bool]:
         raise MalformedInput("privml: corrupt encrypted tensor header: bad layout or expansion flag")
     if math.prod(shape) > 1 << 40:
         raise MalformedInput(f"privml: implausible tensor shape {shape}")
-    return tuple(shape), layout, expanded
+    raw_pk = header["packing"]
+    if (not isinstance(raw_pk, dict) or set(raw_pk) != {"kind", "n", "width", "per_ct", "grid"}
+            or not all(type(v) is int for k, v in raw_pk.items() if k not in ("kind", "grid"))
+            or not isinstance(raw_pk["grid"], list) or not all(type(v) is int for v in raw_pk["grid"])
+            or len(raw_pk["grid"]) not in (0, 6) or any(not 0 < v <= _MAX_DIM for v in raw_pk["grid"])):
+        raise MalformedInput("privml: corrupt encrypted tensor header: bad packing")
+    try:
+        packing = Packing.from_dict(raw_pk)
+    except PrivmlError:
+        raise MalformedInput("privml: corrupt encrypted tensor header: bad packing") from None
+    return tuple(shape), layout, expanded, packing
 
 
 def loads(data: bytes, runtime: Runtime, cls: type[CKKSTensor] | None = None) -> CKKSTensor:
@@ -574,22 +669,24 @@ def loads(data: bytes, runtime: Runtime, cls: type[CKKSTensor] | None = None) ->
         raise MalformedInput(f"privml: encrypted tensor format version {version}, expected {_TENSOR_VERSION}")
     if hlen > 4096 or 14 + hlen > len(data):
         raise MalformedInput("privml: truncated or corrupt encrypted tensor header")
-    shape, layout, expanded = _parse_header(data[14:14 + hlen])
+    shape, layout, expanded, packing = _parse_header(data[14:14 + hlen])
     if layout != runtime.layout:
         raise MalformedInput(f"privml: tensor layout {layout} does not fit this session ({runtime.layout})")
-    per_ct = math.prod(shape[1:]) if layout == "latency" else shape[0]
-    if per_ct > runtime.slots:
-        raise MalformedInput(f"privml: tensor shape {list(shape)} needs {per_ct} slots per ciphertext, this "
-                             f"context has {runtime.slots}")
     if expanded and runtime.expansion is None:
         raise MalformedInput("privml: the tensor claims an expanded first-layer input, which this plan does not use")
+    numel = math.prod(shape[1:])
+    if (packing.per_ct * packing.width > runtime.slots or packing.n != (packing.n if expanded else numel)
+            or (layout == "throughput") != (packing.width > 1) or (layout == "throughput" and shape[0] > packing.width)
+            or packing.n_units > 1 << 30):
+        raise MalformedInput(f"privml: the tensor's packing {packing.to_dict()} does not fit its shape "
+                             f"{list(shape)} and this context's {runtime.slots} slots")
     cts = load_ciphertexts(runtime.ctx, data[14 + hlen:])
-    expected = shape[0] if layout == "latency" else math.prod(shape[1:])
+    expected = packing.n_cts * (shape[0] if layout == "latency" else 1)
     if len(cts) != expected:
         raise MalformedInput(f"privml: header promises {expected} ciphertexts, got {len(cts)}")
     if runtime.expansion is not None and expanded:
         cts = ExpandedInput(cts)
-    return (cls or CKKSTensor)(cts, shape, torch.float32, runtime=runtime, pending=None)
+    return (cls or CKKSTensor)(cts, shape, torch.float32, runtime=runtime, pending=None, packing=packing)
 
 
 # --------------------------------------------------------------------------------------------- backend objects
@@ -627,7 +724,8 @@ class CKKSBackend:
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
         payload = self.runtime.encrypt(x)
         self.sent_batches.add(int(x.shape[0]))
-        return CKKSTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
+        return CKKSTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None,
+                          packing=self.runtime.input_packing(tuple(x.shape)))
 
     def check_ours(self, t: CKKSTensor) -> None:
         """KeyMaterialError unless ``t`` was made under this backend's keys; MalformedInput unless its batch size
@@ -645,7 +743,7 @@ class CKKSBackend:
     def decrypt(self, t: CKKSTensor) -> torch.Tensor:
         self.check_ours(t)
         t = t.materialized()
-        values = self.runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
+        values = self.runtime.decrypt(t.payload, t.shape[0], t.packing)
         out = torch.from_numpy(values).float().reshape(t.shape)
         if not torch.isfinite(out).all():  # e.g. coefficients rewritten in transit (the checksum is not a MAC)
             raise MalformedInput("privml: decrypted values are not finite: the ciphertexts were corrupted")
@@ -724,26 +822,26 @@ def make_backend(plan: Any, **_: Any) -> CKKSBackend:
 
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,
-            input_expansion: bool = True) -> DryRuntime:
-    """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs."""
-    rt = DryRuntime(layout)
-    x = CKKSTensor(rt.encrypt(torch.empty((batch, *input_shape))), (batch, *input_shape), torch.float32,
-                   runtime=rt, pending=None)
+            input_expansion: bool = True, slots: int = 1 << 14, expansion: Any = None) -> DryRuntime:
+    """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs at ``slots``.
+
+    With ``input_expansion`` the first linear layer may run on a client-side expansion of the input
+    (:mod:`privml.he.expansion`); the model is then routed a second time with it."""
+    rt = DryRuntime(layout, slots=slots)
+    rt.expansion = expansion
+    shape = (batch, *input_shape)
+    x = CKKSTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
+                   packing=rt.input_packing(shape))
     out = model(x)
     if not isinstance(out, CKKSTensor):
         raise PrivmlError("privml: the model's output is not an encrypted tensor")
     out.finalize()
-    rt.expansion = None
-    if input_expansion and layout == "latency" and len(rt.fresh_maps) == 1 and rt.first_weight is not None:
+    first = rt.first_weight
+    if (expansion is None and input_expansion and layout == "latency" and len(rt.fresh_maps) == 1
+            and first is not None and first.shape[0] * first.shape[1] <= 1 << 22):
         from privml.he.expansion import plan_expansion
 
-        rt.expansion = plan_expansion(rt.first_weight, slots=max(rt._slots, rt.min_slots))
-        if rt.expansion is not None:  # the first layer runs on x' instead: its keys and slots replace W's
-            from privml.he.kernels import DiagonalMatVec
-
-            w = rt.expansion.weight(rt.first_weight)
-            rt.min_slots = max(rt.min_slots, w.shape[0] + w.shape[1])
-            rt.rotation_steps |= DiagonalMatVec(w, None, max(rt._slots, w.shape[0] + w.shape[1])).rotation_steps()
+        found = plan_expansion(first.toarray(), slots=rt.slots)
+        if found is not None:
+            return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found)
     return rt
-
-

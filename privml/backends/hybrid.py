@@ -37,6 +37,7 @@ from privml.backends.ckks import (
     Affine,
     CKKSTensor,
     Runtime,
+    build_matvec,
     dumps,
     loads,
 )
@@ -44,6 +45,7 @@ from privml.errors import DecryptionBudgetExhausted, InvalidInput, KeyMaterialEr
 from privml.he.noise import secure_normal, secure_uniform
 from privml.tensor import current_module
 
+COMPOSED_ROTATIONS = 8  # key switches one rotation may take when composed from power-of-two keys (worst case)
 FLOOR = 1  # lowest level data may reach (level 0 stays unused: headroom for masks)
 MODES = ("refresh", "relu")
 CHUNK = 512  # ciphertexts per refresh message
@@ -140,19 +142,9 @@ class HybridRuntime(Runtime):
             raise PrivmlError("privml: this hybrid runtime has no enclave connection, so it cannot refresh")
         return self.refresher
 
-    def encrypt(self, x: torch.Tensor) -> list:
+    def _encrypt_vector(self, v: np.ndarray) -> Any:
         """Secret-key encryption when the key is here (the client): less noise than public-key encryption."""
-        if not self.ctx.has_secret_key:
-            return super().encrypt(x)
-        flat = x.detach().double().reshape(x.shape[0], -1).numpy()
-        if x.shape[0] < 1 or flat.shape[1] < 1:
-            raise InvalidInput(f"privml: cannot encrypt an empty batch (shape {list(x.shape)})")
-        rows = flat if self.layout == "latency" else flat.T
-        limit = flat.shape[1] if self.layout == "latency" else flat.shape[0]
-        if limit > self.slots:
-            raise InvalidInput(f"privml: {limit} values per ciphertext exceed the {self.slots} slots; "
-                               + ("use a larger ring" if self.layout == "latency" else "split the batch"))
-        return [self.ctx.encrypt_symmetric(row) for row in rows]
+        return self.ctx.encrypt_symmetric(v) if self.ctx.has_secret_key else self.ctx.encrypt(v)
 
     def fit(self, payload: list, k: int) -> list:
         """``payload`` with at least ``k`` levels above the floor (refreshed if needed)."""
@@ -163,8 +155,9 @@ class HybridRuntime(Runtime):
             return self._refresher().refresh(payload)
         return payload
 
-    def apply_affine(self, payload: list, affine: Affine) -> list:
-        return super().apply_affine(self.fit(payload, 1), affine)
+    def apply_affine(self, payload: list, affine: Affine, src: Any, out_shape: tuple[int, ...],
+                     dst: Any = None) -> tuple[list, Any]:
+        return super().apply_affine(self.fit(payload, 1), affine, src, out_shape, dst)
 
     def poly(self, payload: list, coeffs: list[float], input_bound: float | None = None) -> list:
         from privml.he.kernels import poly_depth
@@ -193,6 +186,7 @@ class Track:
     levels: int
     noise: float
     error: float = 0.0
+    cts: int = 1  # ciphertexts per sample (latency) or per batch (throughput)
 
 @dataclass
 class RefreshPoint:
@@ -202,65 +196,6 @@ class RefreshPoint:
     ciphertexts: int
 
 
-DENSE_LIMIT = 4096  # throughput dry runs of larger maps keep norms only (a dense 16384^2 map is 2 GB)
-
-
-class NormOnly:
-    """A linear map known only by its shape and bounds on its norms (max row |w| sum, spectral norm).
-
-    Composition multiplies the bounds (``||AB|| <= ||A|| ||B||``), so a fused chain stays a valid bound;
-    biases are dropped (noise and errors do not depend on them)."""
-
-    __array_ufunc__ = None  # numpy defers `dense @ NormOnly` to __rmatmul__
-
-    def __init__(self, shape: tuple[int, int], norm: float, spec: float) -> None:
-        self.shape, self.norm, self.spec = shape, norm, spec
-        self.size = shape[0] * shape[1]
-
-    def __matmul__(self, other: Any) -> Any:
-        if isinstance(other, NormOnly) or (isinstance(other, np.ndarray) and other.ndim == 2):
-            return NormOnly((self.shape[0], other.shape[1]), self.norm * _inf_norm(other), self.spec * _spectral(other))
-        return np.zeros(self.shape[0])  # a bias: dropped
-
-    def __rmatmul__(self, other: Any) -> Any:
-        if isinstance(other, np.ndarray) and other.ndim == 2:
-            return NormOnly((other.shape[0], self.shape[1]), _inf_norm(other) * self.norm, _spectral(other) * self.spec)
-        return NotImplemented
-
-
-def _norm_only(fn: Any, abs_fn: Any, sample_shape: tuple[int, ...]) -> tuple[NormOnly, float, tuple[int, ...]]:
-    """Bounds of a per-sample linear map from its |weights| version: row sums |W| 1 (one evaluation on ones),
-    column sums |W|^T 1 (its gradient), spectral norm <= sqrt(||W||_1 ||W||_inf) (Schur)."""
-    ones = torch.ones((1, *sample_shape), dtype=torch.float64)
-    zeros = torch.zeros((1, *sample_shape), dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        rows = (abs_fn(ones) - abs_fn(zeros.detach())).abs().reshape(-1)
-        out_shape = tuple(fn(zeros.detach()).shape[1:])
-    abs_fn(zeros).sum().backward()
-    cols = zeros.grad.abs().reshape(-1)
-    n, m = int(np.prod(sample_shape)), int(rows.numel())
-    norm = float(rows.max()) if m else 0.0
-    return NormOnly((m, n), norm, math.sqrt(norm * float(cols.max()))), np.zeros(m), out_shape
-
-
-def _inf_norm(w: Any) -> float:
-    """Largest row sum of |w|: how much a worst-case slot error can grow."""
-    if isinstance(w, NormOnly):
-        return w.norm
-    return float(np.abs(w).sum(axis=1).max()) if w.size else 0.0
-
-
-def _spectral(w: Any) -> float:
-    """Spectral norm (exact for moderate maps, the Schur bound sqrt(||W||_1 ||W||_inf) beyond): how much the
-    largest standard deviation of correlated errors can grow."""
-    if isinstance(w, NormOnly):
-        return w.spec
-    if not w.size:
-        return 0.0
-    if w.size <= 1 << 24:
-        return float(np.linalg.norm(w, 2))
-    a = np.abs(w)
-    return math.sqrt(float(a.sum(axis=0).max()) * float(a.sum(axis=1).max()))
 
 
 class HybridDryRuntime(Runtime):
@@ -273,7 +208,7 @@ class HybridDryRuntime(Runtime):
 
     def __init__(self, layout: str, segment: int, noise: Any, value_bound: float, relu_mask_bits: int,
                  sigma: float = 0.0, slots: int = 1 << 13, batch: int = 1, cache: dict | None = None,
-                 mask_bits: int = 20) -> None:
+                 mask_bits: int = 20, carry_noise: bool = False, composed: int = COMPOSED_ROTATIONS) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
         super().__init__(None, layout)
@@ -295,113 +230,117 @@ class HybridDryRuntime(Runtime):
         self.max_need = 0
         self.expansion = None
         self.rotations = 0
+        self.carry = carry_noise  # refreshes not flooded: the key-dependent noise stays in the message
+        self.composed = composed  # key switches per rotation at worst (compositions from the chosen keys)
+        self.plaintexts = 0  # encoded diagonals the block products cache (one forward pass)
+        self.rotation_uses: dict[int, int] = {}  # rotation step -> rotations by it per forward pass
+        self.mults = 0  # ciphertext-plaintext products per batch
 
     @property
     def slots(self) -> int:
         return self._slots
 
-    def affine_of(self, key: tuple, fn: Any, sample_shape: tuple[int, ...], abs_fn: Any = None) -> tuple:
-        """Dense maps where the layout needs their diagonals; in the throughput layout, large maps by norms only."""
-        n = int(np.prod(sample_shape)) if sample_shape else 1
-        if self.layout == "throughput" and abs_fn is not None and n > DENSE_LIMIT:
-            hit = self._affine_cache.get(("norm",) + key)
-            if hit is None:
-                hit = self._affine_cache[("norm",) + key] = _norm_only(fn, abs_fn, sample_shape)
-            return hit
-        return super().affine_of(key, fn, sample_shape)
-
-    def _count(self, shape_numel: int) -> int:
-        """Ciphertexts of one payload (latency: one per sample; throughput: one per feature)."""
-        return self.batch if self.layout == "latency" else shape_numel
+    def _count(self, n_cts: int) -> int:
+        """Ciphertexts of one payload (latency: per sample times the batch; throughput: per batch)."""
+        return self.batch * n_cts if self.layout == "latency" else n_cts
 
     def encrypt(self, x: torch.Tensor) -> Track:
-        self.min_slots = max(self.min_slots, int(np.prod(x.shape[1:])) if self.layout == "latency" else x.shape[0])
-        self._width = int(np.prod(x.shape[1:]))
-        return Track(self.segment, self.noise.fresh)
+        self.min_slots = max(self.min_slots, 1 if self.layout == "latency" else x.shape[0])
+        return Track(self.segment, self.noise.fresh, cts=self.input_packing(tuple(x.shape)).n_cts)
 
-    def fit(self, t: Track, k: int, width: int) -> Track:
+    def fit(self, t: Track, k: int) -> Track:
         self.max_need = max(self.max_need, k)
         if t.levels >= k:
             return t
         if k > self.segment:
-            return Track(k, t.noise, t.error)  # recorded in max_need; the planner refuses this segment
+            return Track(k, t.noise, t.error, t.cts)  # recorded in max_need; the planner refuses this segment
         where = current_module() or "(output: a pending linear map)"
-        self.refreshes.append(RefreshPoint(where, "refresh", t.noise, self._count(width)))
+        self.refreshes.append(RefreshPoint(where, "refresh", t.noise, self._count(t.cts)))
         # the masked values pass through float64 (decode, flood, encode, subtract): a few ulps of |x + m|
-        return Track(self.segment, self.noise.fresh, math.hypot(t.error, self.sigma) + self.mask_error)
+        fresh = self.noise.fresh + (t.noise if self.carry else 0.0)
+        return Track(self.segment, fresh, math.hypot(t.error, self.sigma) + self.mask_error, t.cts)
 
     def _note(self, names: str, op: str, cost: int, t: Track) -> None:
         self.log.append((names, op, cost, self.segment - t.levels))
 
-    def apply_affine(self, payload: Track, affine: Affine) -> Track:
-        from privml.he.kernels import DiagonalMatVec
+    def apply_affine(self, payload: Track, affine: Affine, src: Any, out_shape: tuple[int, ...],
+                     dst: Any = None) -> tuple[Track, Any]:
+        from privml.backends.linmaps import inf_norm, spectral_norm
+        from privml.he import packing as packings
 
-        m, n = affine.weight.shape
-        t = self.fit(payload, 1, n)
-        key = (affine.key, self.layout, max(self._slots, n + m))
+        dst = dst or packings.output_packing(src, out_shape, self.slots)
+        t = self.fit(payload, 1)
+        key = (affine.key, src, dst)
         hit = self._mv_cache.get(key)
         if hit is None:
+            w = affine.weight
+            terms = int(np.diff(w.indptr).max()) if w.nnz else 0
+            nnz = w.nnz  # throughput, one feature per ciphertext: one scalar product per weight
             steps: set[int] = set()
-            rotations = babies = giants = 0
-            if isinstance(affine.weight, NormOnly):
-                terms = affine.weight.shape[1]
-            else:
-                terms = int((affine.weight != 0).sum(axis=1).max()) if affine.weight.size else 0
-            if self.layout == "latency":
-                mv = DiagonalMatVec(affine.weight, affine.bias, max(self._slots, n + m))
-                steps, rotations = mv.rotation_steps(), int(mv.rotation_count)
-                babies, giants, terms = mv._baby_max, mv._g_hi - mv._g_lo, int(mv.diagonals.size)
-            hit = self._mv_cache[key] = (_inf_norm(affine.weight), _spectral(affine.weight), steps, rotations,
-                                         babies, giants, terms)
-        norm, spec, steps, rotations, babies, giants, terms = hit
-        if self.layout == "latency":
-            self.min_slots = max(self.min_slots, n + m)
-            self.rotation_steps |= steps
-            self.rotations += rotations * self.batch
-        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound), spec * t.error)
+            uses: dict[int, int] = {}
+            rotations = babies = giants = plaintexts = 0
+            if not (self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1):
+                mv = build_matvec(affine, src, dst, self.slots, None, self.key_mode)  # costed, not kept
+                steps, rotations, uses = mv.rotation_steps(), int(mv.rotation_count), mv.rotation_uses()
+                chain, giants, terms = mv.noise_shape()
+                babies = chain
+                plaintexts, nnz = int(mv.plaintext_count), int(mv.mult_count)
+            hit = self._mv_cache[key] = (inf_norm(w), spectral_norm(w), steps, rotations, babies, giants, terms,
+                                         plaintexts, nnz, uses)
+        norm, spec, steps, rotations, babies, giants, terms, plaintexts, nnz, uses = hit
+        babies, giants = babies * self.composed, giants * self.composed  # composed rotations: several key switches
+        self.rotation_steps |= steps
+        for step, count in uses.items():
+            self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * (self.batch if self.layout ==
+                                                                                   "latency" else 1)
+        self.rotations += rotations * (self.batch if self.layout == "latency" else 1)
+        self.plaintexts += plaintexts
+        self.mults += nnz * (self.batch if self.layout == "latency" else 1)
+        out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound), spec * t.error,
+                    dst.n_cts)
         self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, out)
-        self._width = m
-        return out
+        return out, dst
 
     def poly(self, payload: Track, coeffs: list[float], input_bound: float | None = None) -> Track:
         from privml.he.kernels import poly_depth, poly_mult_count
 
         degree = max((i for i, c in enumerate(coeffs) if c != 0.0), default=0)
         k = poly_depth(degree)
-        t = self.fit(payload, k, self._width)
+        t = self.fit(payload, k)
         x = 1.25 * input_bound if input_bound is not None else self.bound  # inputs may leave the interval a little
         slope = sum(i * abs(c) * x ** (i - 1) for i, c in enumerate(coeffs) if i)
         size = sum(abs(c) * x**i for i, c in enumerate(coeffs))
         extra = poly_mult_count(coeffs) * (self.noise.ks + self.noise.rs) * max(1.0, size)
-        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error)  # slot-wise
+        out = Track(t.levels - k, slope * t.noise + extra, slope * t.error, t.cts)  # slot-wise
         self._note(current_module() or "", f"poly(deg {degree})", k, out)
         return out
 
     def mul(self, a: Track, b: Track) -> Track:
-        a, b = self.fit(a, 1, self._width), self.fit(b, 1, self._width)
+        a, b = self.fit(a, 1), self.fit(b, 1)
         return self._product(a, b)
 
     def square(self, a: Track) -> Track:
-        a = self.fit(a, 1, self._width)  # one operand: refreshed once, as the runtime does
+        a = self.fit(a, 1)  # one operand: refreshed once, as the runtime does
         return self._product(a, a)
 
     def _product(self, a: Track, b: Track) -> Track:
         x = self.bound
         out = Track(min(a.levels, b.levels) - 1, self.noise.product(a.noise, b.noise, x),
-                    x * (a.error + b.error) + a.error * b.error)
+                    x * (a.error + b.error) + a.error * b.error, max(a.cts, b.cts))
         self._note(current_module() or "", "mul", 1, out)
         return out
 
     def add(self, a: Track, b: Track, negate_b: bool = False) -> Track:
-        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error)
+        return Track(min(a.levels, b.levels), a.noise + b.noise, a.error + b.error, max(a.cts, b.cts))
 
     def relu(self, payload: Track) -> Track:
-        t = self.fit(payload, 1, self._width)
+        t = self.fit(payload, 1)
         masked = self.noise.scalar(t.noise, self.relu_range, self.bound)
-        self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(self._width)))
+        self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(t.cts)))
         self.max_need = max(self.max_need, 1)
-        out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0, self.relu_range * self.bound),
-                    math.hypot(t.error, self.sigma))  # relu is slot-wise and 1-Lipschitz
+        carried = t.noise if self.carry else 0.0  # relu is 1-Lipschitz: carried noise passes at most unchanged
+        out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0, self.relu_range * self.bound) + carried,
+                    math.hypot(t.error, self.sigma), t.cts)  # relu is slot-wise and 1-Lipschitz
         self._note(current_module() or "", "relu (enclave)", 2, out)
         return out
 
@@ -540,7 +479,8 @@ class HybridBackend:
             self.rotate_keys()
         payload = self.runtime.encrypt(x)
         self.sent_batches.add(int(x.shape[0]))
-        return HybridTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None)
+        return HybridTensor(payload, tuple(x.shape), torch.float32, runtime=self.runtime, pending=None,
+                            packing=self.runtime.input_packing(tuple(x.shape)))
 
     def check_ours(self, t: CKKSTensor) -> None:
         fingerprint = getattr(getattr(t.runtime, "ctx", None), "fingerprint", None)
@@ -555,7 +495,7 @@ class HybridBackend:
         self.check_ours(t)
         t = t.materialized()
         runtime = self._previous.get(t.runtime.ctx.fingerprint, self.runtime)
-        values = runtime.decrypt(t.payload, t.shape[0], int(np.prod(t.shape[1:])))
+        values = runtime.decrypt(t.payload, t.shape[0], t.packing)
         if self.release if release is None else release:
             sigma = float(self.plan.params["hybrid"]["release_sigma"])
             values = values + secure_normal(values.size, sigma).reshape(values.shape)
@@ -616,9 +556,14 @@ class HybridBackend:
             + (f", and positively masked values (factor <= 2^{hy['relu_mask_bits']}) in exact ReLUs: it learns "
                "each activation's sign" if relu else "") + ". If it is compromised, every ciphertext under this key "
             "is exposed; side channels are the known weakness of SGX-class enclaves.",
-            f"flooding: every refresh adds Gaussian noise of sigma {hy['flood_sigma']:.3g} "
-            f"(s={hy['flood_security_bits']}, alpha={hy['decryption_budget']} decryptions per key); the enclave "
-            "logs and budgets every decryption.",
+            (f"flooding: every refresh adds Gaussian noise of sigma {hy['flood_sigma']:.3g} "
+             f"(s={hy['flood_security_bits']}, alpha={hy['decryption_budget']} decryptions per key); the enclave "
+             "logs and budgets every decryption." if hy.get("flooding", "refresh") == "refresh" else
+             "flooding at release: refreshes are not flooded (their key-dependent noise stays in the values, which "
+             "only the client and the enclave ever see decrypted); outputs decrypted with release=True get "
+             f"Gaussian noise of sigma {hy['release_sigma']:.3g} for the carried noise bound "
+             f"(s={hy['flood_security_bits']}, alpha={hy['decryption_budget']}); the enclave logs and budgets "
+             "every decryption."),
         ]
 
     def close(self) -> None:
@@ -670,11 +615,14 @@ def make_backend(plan: Any, **options: Any) -> HybridBackend:
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, segment: int, noise: Any,
             value_bound: float, relu_mask_bits: int, sigma: float = 0.0, slots: int = 1 << 13,
-            batch: int = 1, cache: dict | None = None, mask_bits: int = 20) -> HybridDryRuntime:
+            batch: int = 1, cache: dict | None = None, mask_bits: int = 20, carry_noise: bool = False,
+            composed: int = COMPOSED_ROTATIONS) -> HybridDryRuntime:
     """Route ``model`` without keys with ``segment`` levels between refreshes (``cache``: shared across runs)."""
-    rt = HybridDryRuntime(layout, segment, noise, value_bound, relu_mask_bits, sigma, slots, batch, cache, mask_bits)
-    x = HybridTensor(rt.encrypt(torch.empty((batch, *input_shape))), (batch, *input_shape), torch.float32,
-                     runtime=rt, pending=None)
+    rt = HybridDryRuntime(layout, segment, noise, value_bound, relu_mask_bits, sigma, slots, batch, cache, mask_bits,
+                          carry_noise, composed)
+    shape = (batch, *input_shape)
+    x = HybridTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
+                     packing=rt.input_packing(shape))
     out = model(x)
     if not isinstance(out, HybridTensor):
         raise PrivmlError("privml: the model's output is not an encrypted tensor")

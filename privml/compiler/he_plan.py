@@ -29,22 +29,43 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
     max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
     try:
         params = choose_params(rt.depth, max_abs_value=max_abs, precision_bits=precision_bits,
-                               min_slots=rt.min_slots, poly_modulus_degree=poly_modulus_degree,
+                               min_slots=rt.min_slots if layout == "throughput" else 1,
+                               poly_modulus_degree=poly_modulus_degree,
                                scale_bits=scale_bits, coeff_mod_bit_sizes=coeff_mod_bit_sizes,
                                depth_breakdown=breakdown)
     except DepthExhausted as err:
         raise DepthExhausted(f"privml: {err}") from None
+    if params.poly_modulus_degree // 2 != rt.slots:  # packings and rotation steps depend on the slot count
+        with module_scope(gm):
+            rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion,
+                         slots=params.poly_modulus_degree // 2)
+    steps, switches = galois_keys(rt.rotation_uses, params.poly_modulus_degree)
     plan.params.update({
         "layout": layout,
         "ckks": params.to_dict(),
         "depth": rt.depth,
         "security_bits": params.security_bits,
         "poly_modulus_degree": params.poly_modulus_degree,
-        "rotation_steps": sorted(rt.rotation_steps),
+        "rotation_steps": steps,
+        "key_switches": switches,
         "max_abs_value": max_abs,
         "input_expansion": rt.expansion.to_dict() if rt.expansion is not None else None,
     })
     _levels_into_layers(plan, rt.log)
+
+
+def galois_keys(uses: dict[int, int], poly_modulus_degree: int, max_keys: int | None = None) -> tuple[list[int], int]:
+    """(rotation steps to generate Galois keys for, key switches per forward pass): every used step gets its own
+    key while the plan's key limit allows, else powers of two plus the most used steps (compositions)."""
+    import math
+
+    from privml.compiler.plan import ROTATION_STEPS_PER_LOG_N
+    from privml.he.rotations import choose_keys
+
+    slots = poly_modulus_degree // 2
+    limit = ROTATION_STEPS_PER_LOG_N * int(math.log2(poly_modulus_degree))
+    keys, switches = choose_keys(uses, slots, min(limit, max_keys or limit))
+    return sorted(k - slots if k > slots // 2 else k for k in keys), switches
 
 
 def _levels_into_layers(plan: Plan, log: list[tuple[str, str, int, int]]) -> None:

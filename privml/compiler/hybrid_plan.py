@@ -59,9 +59,12 @@ class Candidate:
     feasible: bool
     why: str = ""
     over_budget: bool = False
+    flooding: str = "refresh"
+    key_switches: int = 0
+    plaintexts: int = 0
 
     def row(self) -> dict[str, Any]:
-        return {"N": self.n, "segment": self.segment, "scale_bits": self.scale_bits,
+        return {"N": self.n, "segment": self.segment, "scale_bits": self.scale_bits, "flooding": self.flooding,
                 "refreshes_per_sample": sum(r["ciphertexts"] for r in self.refreshes),
                 "flood_sigma": self.sigma, "output_error": self.output_error,
                 "predicted_seconds": round(self.seconds, 3), "feasible": self.feasible, "why": self.why}
@@ -78,8 +81,17 @@ def chain_for(n: int, segment: int) -> tuple[int, ...] | None:
 
 
 def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n: int, segment: int,
-               bound: float, cfg: Any, out_tol: float, cache: dict) -> Candidate | None:
+               bound: float, cfg: Any, out_tol: float, cache: dict,
+               flooding: str = "refresh") -> Candidate | None:
+    """One (ring, levels between refreshes, flooding) choice, costed and bounded by keyless dry runs.
+
+    ``flooding="refresh"``: the enclave floods every refresh (LMSS sigma for the worst refreshed noise), so the
+    noise restarts fresh after it. ``"release"``: refreshes add only a Gaussian the size of the noise one
+    segment accumulates, the key-dependent noise is carried to the outputs, and the client floods what it
+    releases with the LMSS
+    sigma for the carried total (no party but the key holders ever sees an unreleased decryption)."""
     from privml.backends.hybrid import dry_run
+    from privml.compiler.he_plan import galois_keys
     from privml.he.noise import TAIL, NoiseModel, flood_sigma
 
     chain = chain_for(n, segment)
@@ -91,6 +103,12 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
                   slots=n // 2, cache=cache, mask_bits=cfg.mask_bits)
     with module_scope(gm):
         probe = dry_run(gm, input_shape, **common)
+    steps, switches = galois_keys(probe.rotation_uses, n)
+    composed = max_composition(probe.rotation_uses, steps, n // 2)
+    if composed < probe.composed:  # the noise bounds with the rotations the chosen keys really take
+        with module_scope(gm):
+            probe = dry_run(gm, input_shape, **common, composed=composed)
+    common["composed"] = composed
     if probe.max_need > segment:
         return Candidate(n, segment, s, [], 0, 0, math.inf, 0, math.inf, [], probe.min_slots, False,
                          f"an op needs {probe.max_need} levels")
@@ -99,39 +117,43 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
                          f"needs {probe.min_slots} slots > {n // 2}")
     alpha, sec = cfg.decryption_budget, cfg.flood_security_bits
     worst = max((r.noise for r in probe.refreshes), default=noise.fresh)
-    sigma = flood_sigma(worst, n, alpha, sec)
-    with module_scope(gm):
-        run = dry_run(gm, input_shape, **{**common, "sigma": sigma})
+    sigma = flood_sigma(worst, n, alpha, sec) if flooding == "refresh" else worst
+    with module_scope(gm):  # release flooding: the noise each refresh bakes in is carried to the outputs
+        run = dry_run(gm, input_shape, **{**common, "sigma": sigma, "carry_noise": flooding == "release"})
     out = run.output
     per_ct = REFRESH_S.get(n, REFRESH_S[16384] * n / 16384)
     refreshes = [{"where": r.where, "mode": r.mode, "ciphertexts": r.ciphertexts, "noise_bound": r.noise,
                   "predicted_ms": round(r.ciphertexts * per_ct * 1e3, 1)}
                  for r in run.refreshes]
     primes = len(chain) - 1
-    seconds = (run.rotations * ROTATION_S * primes + run_mults(run) * PT_MULT_S) * n * primes
+    seconds = (switches * ROTATION_S * primes + run.mults * PT_MULT_S) * n * primes
     seconds += sum(r.ciphertexts for r in run.refreshes) * per_ct
     err = TAIL * float(out.error)
     per_batch = sum(r["ciphertexts"] for r in refreshes)  # latency: per sample; throughput: per batch
     if per_batch > cfg.decryption_budget:
         return Candidate(n, segment, s, refreshes, sigma, worst, err, float(out.noise), seconds,
-                         sorted(run.rotation_steps), run.min_slots, False,
+                         steps, run.min_slots, False,
                          f"{per_batch} enclave decryptions per {'sample' if layout == 'latency' else 'batch'} > "
-                         f"decryption_budget {cfg.decryption_budget}", over_budget=True)
+                         f"decryption_budget {cfg.decryption_budget}", over_budget=True, flooding=flooding,
+                         key_switches=switches, plaintexts=run.plaintexts)
     ok = err <= out_tol
     return Candidate(n, segment, s, refreshes, sigma, worst, err, float(out.noise), seconds,
-                     sorted(run.rotation_steps), run.min_slots, ok,
-                     "" if ok else f"predicted output error {err:.3g} > {out_tol:.3g}")
+                     steps, run.min_slots, ok,
+                     "" if ok else f"predicted output error {err:.3g} > {out_tol:.3g}", flooding=flooding,
+                     key_switches=switches, plaintexts=run.plaintexts)
 
 
-def run_mults(rt: Any) -> int:
-    """Plaintext products the dry run implies: one per linear op and ciphertext (throughput: per feature)."""
-    return sum(1 for _, op, _, _ in rt.log)
+def max_composition(uses: dict[int, int], steps: list[int], slots: int) -> int:
+    """Most key switches one rotation of ``uses`` takes with Galois keys for ``steps``."""
+    from privml.he.rotations import decompose
+
+    return max((len(decompose(u, steps, slots)) for u in uses if u % slots), default=1)
 
 
 def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cfg: Any) -> None:
     """Fill ``plan.params`` for the hybrid backend (CKKS parameters, refreshes, flooding, candidates table)."""
     from privml.compiler.he_plan import _levels_into_layers
-    from privml.he.noise import precision_cost_bits
+    from privml.he.noise import flood_sigma, precision_cost_bits
 
     bound = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
     lo, hi = plan.params["output_range"]
@@ -140,11 +162,15 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
     segments = (cfg.refresh_depth,) if cfg.refresh_depth else range(1, MAX_SEGMENT + 1)
     found: list[Candidate] = []
     cache: dict = {}
-    for n in rings:
-        for d in segments:
-            c = _candidate(gm, plan.input_shape, cfg.layout, n, d, bound, cfg, out_tol, cache)
-            if c is not None:
-                found.append(c)
+    modes = ("refresh", "release") if cfg.flooding == "auto" else (cfg.flooding,)
+    for flooding in modes:
+        if found and any(c.feasible for c in found):
+            break  # "auto": release flooding only when flooding every refresh cannot meet the tolerance
+        for n in rings:
+            for d in segments:
+                c = _candidate(gm, plan.input_shape, cfg.layout, n, d, bound, cfg, out_tol, cache, flooding)
+                if c is not None:
+                    found.append(c)
     usable = [c for c in found if math.isfinite(c.output_error) and not c.over_budget]
     if not usable and any(c.over_budget for c in found):
         least = min((c for c in found if c.over_budget), key=lambda c: sum(r["ciphertexts"] for r in c.refreshes))
@@ -157,6 +183,14 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
                           "(refresh_depth=, max_error=) or use a larger ring")
     feasible = [c for c in usable if c.feasible]
     best = min(feasible, key=lambda c: c.seconds) if feasible else min(usable, key=lambda c: c.output_error)
+    release = flood_sigma(max(best.output_noise, 1e-300), best.n, cfg.decryption_budget, cfg.flood_security_bits)
+    if best.flooding == "release" and cfg.flooding == "auto":
+        plan.notes.append(
+            "privml: flooding every refresh would cost more precision than the tolerance allows, so refreshes "
+            "are not flooded (flooding='release'): the key-dependent noise is carried to the outputs, the client's "
+            "own decryptions are exact, and outputs shown to anyone else must be decrypted with release=True "
+            f"(Gaussian of sigma {release:.3g}). Compile with flooding='refresh' to flood every refresh anyway.")
+        warnings.warn(plan.notes[-1], UserWarning, stacklevel=4)
     if not feasible:
         plan.notes.append(
             f"privml: with flooding at s={cfg.flood_security_bits} bits for {cfg.decryption_budget} decryptions "
@@ -165,12 +199,10 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
             "or the number of refreshes")
         warnings.warn(plan.notes[-1], FidelityWarning, stacklevel=4)
     from privml.backends.hybrid import FLOOR
-    from privml.he.noise import flood_sigma
     from privml.he.params import CKKSParams
 
     chain = chain_for(best.n, best.segment)
     params = CKKSParams(best.n, chain, best.scale_bits).check()
-    release = flood_sigma(max(best.output_noise, 1e-300), best.n, cfg.decryption_budget, cfg.flood_security_bits)
     plan.params.update({
         "layout": cfg.layout,
         "ckks": params.to_dict(),
@@ -185,6 +217,7 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
             "decryption_budget": int(cfg.decryption_budget), "flood_security_bits": int(cfg.flood_security_bits),
             "mask_bits": int(cfg.mask_bits), "relu_mask_bits": int(cfg.relu_mask_bits), "value_bound": bound,
             "noise_bound": best.noise_bound, "flood_sigma": best.sigma, "release_sigma": release,
+            "flooding": best.flooding, "output_noise_bound": best.output_noise, "key_switches": best.key_switches,
             "precision_cost_bits": precision_cost_bits(best.n, cfg.decryption_budget, cfg.flood_security_bits),
             "output_error_bound": best.output_error, "output_tolerance": out_tol,
             "refreshes": best.refreshes, "predicted_seconds_per_sample": best.seconds,

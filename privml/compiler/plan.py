@@ -336,6 +336,12 @@ def _check_hybrid(hy: Any) -> None:
         _expect(_is_int(v) and lo <= v <= hi, f"params.hybrid.{name}", v, f"an integer in [{lo}, {hi}]")
     _expect(isinstance(hy.get("enclave_activations"), bool), "params.hybrid.enclave_activations",
             hy.get("enclave_activations"), "true or false")
+    _expect(hy.get("flooding", "refresh") in ("refresh", "release"), "params.hybrid.flooding", hy.get("flooding"),
+            "refresh or release")
+    if hy.get("flooding") == "release":
+        v = hy.get("output_noise_bound")
+        _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                "params.hybrid.output_noise_bound", v, "a positive finite number")
 
 
 def _short(v: Any) -> str:

@@ -58,6 +58,7 @@ class CKKSContext:
         sk = keys.secret_key
         self._decryptor = seal.Decryptor(keys.seal_context, sk) if sk is not None else None
         self._sym_encryptor = None
+        self._compositions: dict[int, tuple[int, ...]] = {}  # rotation step -> keyed steps composing it
 
     @classmethod
     def generate(cls, params: CKKSParams, rotation_steps: Iterable[int] = ()) -> CKKSContext:
@@ -395,11 +396,21 @@ class CKKSContext:
         norm = int(step) % self.slots
         if norm == 0:
             return self._copy(ct)
-        if norm not in self.keys.rotation_steps:
-            raise KeyMaterialError(
-                f"no Galois key for rotation step {step} (normalized {norm}); this context has keys for "
-                f"{sorted(self.keys.rotation_steps)}: generate the context with rotation_steps including it"
-            )
+        if norm not in self.keys.rotation_steps:  # composed from the keys there are (privml.he.rotations)
+            parts = self._compositions.get(norm)
+            if parts is None:
+                from privml.he.rotations import decompose
+
+                try:
+                    parts = self._compositions[norm] = decompose(norm, self.keys.rotation_steps, self.slots)
+                except ValueError:
+                    raise KeyMaterialError(
+                        f"no Galois key for rotation step {step} (normalized {norm}) and no composition of it from "
+                        f"this context's keys {sorted(self.keys.rotation_steps)}: generate the context with "
+                        "rotation_steps including it") from None
+            for part in parts:
+                ct = self.rotate(ct, part)
+            return ct
         out = seal.Ciphertext()
         self._evaluator.rotate_vector(ct, norm, self.keys.galois_keys, out)
         self.stats["rotations"] += 1

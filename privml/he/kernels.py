@@ -25,7 +25,15 @@ from privml.approx.basis import poly_depth
 from privml.errors import DepthExhausted, InvalidInput
 from privml.he.context import CKKSContext, seal
 
-__all__ = ["DiagonalMatVec", "dense_throughput", "eval_poly", "poly_depth", "poly_mult_count", "poly_value_bound"]
+__all__ = [
+    "BlockMatVec",
+    "DiagonalMatVec",
+    "dense_throughput",
+    "eval_poly",
+    "poly_depth",
+    "poly_mult_count",
+    "poly_value_bound",
+]
 
 _KEYS = itertools.count()
 
@@ -236,6 +244,449 @@ class DiagonalMatVec:
 
 
 # ------------------------------------------------------------------------------------------------
+# Linear maps spanning several ciphertexts
+
+
+def _index_array(a: Any, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise InvalidInput(f"{name} must be a 1-D integer array, got shape {arr.shape} and dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _positive_int(v: Any, name: str, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
+        raise InvalidInput(f"{name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _giant_costs(e_out: list[np.ndarray], ks: np.ndarray, key_mode: str) -> np.ndarray:
+    """Giant-step rotations of every output block for every baby size in ``ks`` (exact, vectorised)."""
+    cost = np.zeros(ks.size, dtype=np.int64)
+    for e in e_out:
+        lo, hi = int(e[0]), int(e[-1])
+        if key_mode == "few":  # Horner: steps +k up to the highest giant, -k down to the lowest
+            cost += np.maximum(hi // ks, 0) - np.minimum(lo // ks, 0)
+            continue
+        # direct: one rotation per non-empty block [j k, (j+1) k) with j != 0 (prefix counts over [lo, hi])
+        below = np.zeros(hi - lo + 2, dtype=np.int64)
+        below[e - lo + 1] = 1
+        below = np.cumsum(below)  # below[t] = #diagonals < lo + t
+        jlo = lo // ks
+        cnt = hi // ks - jlo + 1
+        kk = np.repeat(ks, cnt)
+        jj = np.repeat(jlo - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        start = np.clip(jj * kk - lo, 0, hi - lo + 1)
+        full = (below[np.minimum(start + kk, hi - lo + 1)] > below[start]) & (jj != 0)
+        cost += np.bincount(np.repeat(np.arange(ks.size), cnt), weights=full, minlength=ks.size).astype(np.int64)
+    return cost
+
+
+def _baby_lower_bound(e: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Lower bound on #{e mod k} - 1 for every k in ``ks`` (e: sorted distinct integers).
+
+    Two bounds: a residue class holds at most span // k + 1 values; and with P(k) the pairs of
+    values whose difference k divides (an autocorrelation, by FFT), Cauchy-Schwarz on the class
+    sizes gives #classes >= n**2 / (n + 2 P(k)).
+    """
+    n, lo, length = e.size, int(e[0]), int(e[-1] - e[0]) + 1
+    spread = -(-n // ((length - 1) // ks + 1))
+    ind = np.zeros(length)
+    ind[e - lo] = 1.0
+    nfft = 1 << (2 * length - 1).bit_length()
+    f = np.fft.rfft(ind, nfft)
+    diffs = np.rint(np.fft.irfft(f * np.conj(f), nfft)[:length])  # diffs[m] = #pairs at distance m
+    cnt = (length - 1) // ks
+    kk = np.repeat(ks, cnt)
+    mult = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + 1
+    pairs = np.bincount(np.repeat(np.arange(ks.size), cnt), weights=diffs[kk * mult], minlength=ks.size)
+    classes = np.ceil(n * n / (n + 2.0 * pairs) - 1e-9).astype(np.int64)
+    return np.maximum(np.maximum(spread, classes) - 1, 0)
+
+
+def _block_split(e_in: list[np.ndarray], e_out: list[np.ndarray], kmax: int, key_mode: str) -> int:
+    """Baby size k in 1..kmax minimising the rotations of a block BSGS plan (diagonals in units).
+
+    ``e_in[a]`` / ``e_out[c]``: sorted distinct diagonals touching each used input / output
+    ciphertext.  "direct" costs sum_a #{e mod k != 0} + sum_c #{floor(e/k) != 0}; "few" costs
+    sum_a max(e mod k) + sum_c (max floor(e/k), 0 or more) - (min floor(e/k), 0 or less).  Giant
+    costs are exact for every k at once; baby costs are bounded from below for every k, then
+    evaluated exactly, in growing chunks in order of the bound, until the bound reaches the best
+    cost (branch and bound): every k is covered, ties go to the smaller bound.
+    """
+    ks = np.arange(1, kmax + 1, dtype=np.int64)
+    lower = _giant_costs(e_out, ks, key_mode)
+    giants = lower.copy()
+    lens = [e.size for e in e_in]
+    ea = np.concatenate(e_in)
+    aid = np.repeat(np.arange(len(e_in)), lens)
+    starts = np.cumsum(lens) - lens
+    for e in e_in:
+        if key_mode == "direct":
+            lower += _baby_lower_bound(e, ks)
+        else:  # the largest residue is at least that of any sampled diagonal
+            sample = e[np.unique(np.linspace(0, e.size - 1, min(e.size, 8)).astype(np.int64))]
+            lower += (sample[:, None] % ks[None, :]).max(axis=0)
+    order = np.argsort(lower, kind="stable")
+    best, best_k, pos, chunk = 1 << 62, 1, 0, 8
+    while pos < order.size:
+        idx = order[pos : pos + chunk]
+        pos, chunk = pos + chunk, min(2 * chunk, max(8, (1 << 22) // max(ea.size, len(e_in) * kmax)))
+        idx = idx[lower[idx] < best]
+        if idx.size == 0:
+            break
+        kc = ks[idx]
+        r = ea[:, None] % kc[None, :]
+        if key_mode == "direct":  # mark (input ct, residue) pairs per candidate; residue 0 needs no rotation
+            width = len(e_in) * int(kc.max())
+            cols = np.arange(kc.size)
+            mark = np.zeros((kc.size, width), dtype=bool)
+            mark[cols[None, :], aid[:, None] * kc[None, :] + r] = True
+            mark[cols[:, None], np.arange(len(e_in))[None, :] * kc[:, None]] = False
+            babies = mark.sum(axis=1)
+        else:
+            babies = np.maximum.reduceat(r, starts, axis=0).sum(axis=0)
+        cost = babies + giants[idx]
+        j = int(np.argmin(cost))
+        if cost[j] < best:
+            best, best_k = int(cost[j]), int(kc[j])
+    return best_k
+
+
+def _sum_parts(ctx: CKKSContext, parts: Sequence[Any]) -> Any:
+    acc = None
+    for part in parts:
+        if part is None:
+            continue
+        if acc is None:
+            acc = part
+        else:
+            ctx.add_inplace(acc, part)
+    return acc
+
+
+def _horner_sum(ctx: CKKSContext, inner: dict, gs: range, step: int) -> Any:
+    """sum_{g in gs} rot(inner[g], g*k) for gs running away from 0, with rotations by ``step`` only."""
+    acc = None
+    for g in reversed(gs):
+        if acc is not None:
+            acc = ctx.rotate(acc, step)
+        part = inner.get(g)
+        if part is not None:
+            if acc is None:
+                acc = part
+            else:
+                ctx.add_inplace(acc, part)
+    return None if acc is None else ctx.rotate(acc, step)
+
+
+class BlockMatVec:
+    """y = W x + b for a sparse W between vectors spread over several ciphertexts, in units of ``width`` slots.
+
+    A unit is ``width`` consecutive slots; a ciphertext holds ``per_ct = slots // width`` units
+    (trailing slots unused) and global unit u sits in ciphertext u // per_ct at slots
+    [(u % per_ct) * width, +width).  Entry (o, i, v) adds v * in[unit i, lane t] to
+    out[unit o, lane t] for every lane t < width (width = B applies W to B samples side by
+    side); duplicated (o, i) entries are summed, ``bias`` has one value per output unit.
+
+    Each (output ct c, input ct a) block is a sum of cyclic diagonals d (in (-slots/2, slots/2])
+    with d = g*k*unit + b*unit: y_c = sum_g rot(sum_{a,b} rot(diag, -g k unit) * rot(x_a, b unit), g k unit).
+    Baby rotations are computed once per input ciphertext and shared by every output block,
+    giant rotations once per (output ct, g) and shared by every input block; all products of an
+    output accumulate at one scale before its single rescale, so the map consumes exactly one level
+    and returns canonical ciphertexts.  Input slots outside every entry are ignored (the diagonals
+    are zero there) and output slots outside every output unit hold 0 (+ bias).
+
+    ``key_mode``: "direct" (default) uses one Galois key per distinct non-zero baby and giant step
+    and picks k minimising the rotations; "few" needs only {unit, k unit, -k unit} (babies by
+    repeated rotation, giants Horner-style).  Diagonals are kept as index/value arrays and encoded
+    lazily (cached per level by the context): memory grows with the entries, never with slots**2.
+
+    A keyless planner can cost the map from :meth:`rotation_steps` (Galois keys),
+    ``rotation_count`` (= ``baby_count`` + ``giant_count``), ``mult_count`` (= ``diagonal_count``)
+    and ``plaintext_count`` (diagonals + non-zero bias blocks), all per :meth:`apply`.
+    """
+
+    def __init__(
+        self,
+        out_idx: np.ndarray,
+        in_idx: np.ndarray,
+        values: np.ndarray,
+        n_in_cts: int,
+        n_out_cts: int,
+        slots: int,
+        width: int = 1,
+        bias: np.ndarray | None = None,
+        key_mode: str = "direct",
+    ) -> None:
+        if key_mode not in ("few", "direct"):
+            raise InvalidInput(f"key_mode must be 'few' or 'direct', got {key_mode!r}")
+        self.slots = _positive_int(slots, "slots", 2)
+        self.width = _positive_int(width, "width")
+        if self.width > self.slots:
+            raise InvalidInput(f"width {self.width} exceeds the {self.slots} slots of a ciphertext")
+        self.n_in_cts = _positive_int(n_in_cts, "n_in_cts")
+        self.n_out_cts = _positive_int(n_out_cts, "n_out_cts")
+        self.key_mode = key_mode
+        self.per_ct = self.slots // self.width
+        n_in_units, n_out_units = self.n_in_cts * self.per_ct, self.n_out_cts * self.per_ct
+        o, i = _index_array(out_idx, "out_idx"), _index_array(in_idx, "in_idx")
+        try:
+            v = np.asarray(values, dtype=np.float64).reshape(-1) if np.size(values) else np.zeros(0)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"values must be real numbers: {exc}") from exc
+        if np.ndim(values) > 1 or not (o.shape == i.shape == v.shape):
+            raise InvalidInput(
+                f"out_idx, in_idx and values must be 1-D of one length, got shapes {np.shape(out_idx)}, "
+                f"{np.shape(in_idx)} and {np.shape(values)}"
+            )
+        if not np.all(np.isfinite(v)):
+            raise InvalidInput("values contain NaN or inf")
+        if o.size and (o.min() < 0 or o.max() >= n_out_units):
+            raise InvalidInput(
+                f"out_idx must be in [0, {n_out_units}) ({self.n_out_cts} ciphertexts x {self.per_ct} units)"
+            )
+        if i.size and (i.min() < 0 or i.max() >= n_in_units):
+            raise InvalidInput(
+                f"in_idx must be in [0, {n_in_units}) ({self.n_in_cts} ciphertexts x {self.per_ct} units)"
+            )
+        self.bias = None if bias is None else _bias_vector(bias, n_out_units)
+        self._key = ("BlockMatVec", next(_KEYS))
+
+        # One sort by (out ct, in ct, diagonal mod slots, out unit) groups the entries by block diagonal
+        # and puts duplicated (o, i) pairs side by side (o and d determine i); they are summed, zeros dropped.
+        oc, ol = np.divmod(o, self.per_ct)
+        ic, il = np.divmod(i, self.per_ct)
+        dm = ((il - ol) * self.width) % self.slots
+        key = ((oc * self.n_in_cts + ic) * self.slots + dm) * self.per_ct + ol
+        order = np.argsort(key)
+        key = key[order]
+        first = np.flatnonzero(np.diff(key, prepend=-1)) if key.size else np.zeros(0, dtype=np.int64)
+        val = np.add.reduceat(v[order], first) if key.size else np.zeros(0)
+        del order
+        if not np.all(np.isfinite(val)):
+            raise InvalidInput("summed duplicate values overflow to inf")
+        keep = val != 0.0
+        key, self._val = key[first[keep]], val[keep]
+        rest, ol = np.divmod(key, self.per_ct)
+        self._slot = (ol * self.width).astype(np.int32)  # first output slot of each entry
+        blk, dm = np.divmod(rest, self.slots)
+        first = np.flatnonzero(np.diff(rest, prepend=-1)) if rest.size else np.zeros(0, dtype=np.int64)
+        bounds = np.append(first, rest.size)
+        gc, ga = np.divmod(blk[first], self.n_in_cts)
+        gd = dm[first]
+        gd[gd > self.slots // 2] -= self.slots  # representative in (-slots/2, slots/2]
+        self._bounds = {
+            (int(c), int(a), int(x)): (int(lo), int(hi))
+            for c, a, x, lo, hi in zip(gc, ga, gd, bounds[:-1], bounds[1:], strict=True)
+        }
+        self.entry_count = int(rest.size)
+
+        # Baby-step giant-step split, in units of the diagonals' gcd.
+        nz = np.abs(gd[gd != 0])
+        self.unit = int(np.gcd.reduce(nz)) if nz.size else 1
+        e = gd // self.unit
+        used_in, used_out = np.unique(ga), np.unique(gc)
+        if e.size:
+            reach = max(int(e.max()), -int(e.min()), int(e.max() - e.min())) + 1
+            kmax = max(1, min(reach, self.slots // (2 * self.unit)))
+            e_in = [np.unique(e[ga == a]) for a in used_in]
+            e_out = [np.unique(e[gc == c]) for c in used_out]
+            self.k = _block_split(e_in, e_out, kmax, key_mode)
+        else:
+            self.k = 1
+        self.step = self.k * self.unit
+        g, b = np.divmod(e, self.k)
+        # terms[c][g] = [(a, b, d)]; babies[a] = baby steps (in units) input a needs
+        self._terms: dict[int, dict[int, list[tuple[int, int, int]]]] = {}
+        babies: dict[int, set[int]] = {int(a): set() for a in used_in}
+        for c, a, x, gg, bb in zip(gc.tolist(), ga.tolist(), gd.tolist(), g.tolist(), b.tolist(), strict=True):
+            self._terms.setdefault(c, {}).setdefault(gg, []).append((a, bb, x))
+            babies[a].add(bb)
+        self._babies = {a: sorted(s - {0}) for a, s in babies.items()}
+        if key_mode == "direct":
+            self.baby_count = sum(len(s) for s in self._babies.values())
+            self.giant_count = sum(len(set(t) - {0}) for t in self._terms.values())
+        else:
+            self.baby_count = sum(max(s, default=0) for s in self._babies.values())
+            self.giant_count = sum(max(max(t), 0) - min(min(t), 0) for t in self._terms.values())
+        self.diagonal_count = len(self._bounds)
+        n_bias = 0
+        if self.bias is not None:
+            n_bias = int(np.count_nonzero(np.any(self.bias.reshape(self.n_out_cts, self.per_ct) != 0.0, axis=1)))
+        self.plaintext_count = self.diagonal_count + n_bias
+
+    @classmethod
+    def from_dense(
+        cls, weight: np.ndarray, bias: np.ndarray | None, slots: int, key_mode: str = "direct"
+    ) -> BlockMatVec:
+        """y = W x + b on one ciphertext (x in slots [0, n), y in [0, m)), width 1; n, m <= slots."""
+        w = _finite_matrix(weight)
+        m, n = w.shape
+        if m > slots or n > slots:
+            raise InvalidInput(f"a {m}x{n} matrix does not fit one ciphertext of {slots} slots")
+        b = _bias_vector(bias, m)
+        full = None
+        if b is not None:
+            full = np.zeros(slots)
+            full[:m] = b
+        rows, cols = np.nonzero(w)
+        return cls(rows, cols, w[rows, cols], 1, 1, slots, 1, full, key_mode)
+
+    @property
+    def rotation_count(self) -> int:
+        """Rotations per :meth:`apply` (fewer only if whole groups of products round to zero)."""
+        return self.baby_count + self.giant_count
+
+    @property
+    def mult_count(self) -> int:
+        """Ciphertext-plaintext products per :meth:`apply` (one per non-zero block diagonal)."""
+        return self.diagonal_count
+
+    def rotation_steps(self) -> set[int]:
+        """Rotation steps the plan needs Galois keys for (negative steps allowed)."""
+        if self.key_mode == "direct":
+            steps = {b * self.unit for s in self._babies.values() for b in s}
+            steps |= {g * self.step for t in self._terms.values() for g in t if g != 0}
+            return steps
+        steps = set()
+        if any(self._babies.values()):
+            steps.add(self.unit)
+        gs = [g for t in self._terms.values() for g in t]
+        if gs and max(gs) > 0:
+            steps.add(self.step)
+        if gs and min(gs) < 0:
+            steps.add(-self.step)
+        return steps
+
+    def noise_shape(self) -> tuple[int, int, int]:
+        """(rotations chained before a product, giant rotations summed into one output ciphertext, products
+        summed into one output slot) at worst: what a keyless noise bound of :meth:`apply` needs."""
+        if self.key_mode == "direct":
+            chain = 1 if any(self._babies.values()) else 0
+            giants = max((len(set(t) - {0}) for t in self._terms.values()), default=0)
+        else:
+            chain = max((max(s, default=0) for s in self._babies.values()), default=0)
+            giants = max((max(max(t), 0) - min(min(t), 0) for t in self._terms.values()), default=0)
+        per_out: dict[int, int] = {}
+        for c, _, _ in self._bounds:
+            per_out[c] = per_out.get(c, 0) + 1
+        return chain, giants, max(per_out.values(), default=0)
+
+    def rotation_uses(self) -> dict[int, int]:
+        """Rotation step -> rotations by it per :meth:`apply` (what choosing the Galois keys weighs)."""
+        uses: dict[int, int] = {}
+        if self.key_mode == "direct":
+            for s in self._babies.values():
+                for b in s:
+                    uses[b * self.unit] = uses.get(b * self.unit, 0) + 1
+            for t in self._terms.values():
+                for g in t:
+                    if g != 0:
+                        uses[g * self.step] = uses.get(g * self.step, 0) + 1
+            return uses
+        babies = sum(max(s, default=0) for s in self._babies.values())
+        if babies:
+            uses[self.unit] = babies
+        for t in self._terms.values():
+            if max(t) > 0:
+                uses[self.step] = uses.get(self.step, 0) + max(t)
+            if min(t) < 0:
+                uses[-self.step] = uses.get(-self.step, 0) - min(t)
+        return uses
+
+    def _diag(self, c: int, a: int, d: int, g: int) -> np.ndarray:
+        """Block diagonal d of (out ct c, in ct a) as a slot vector, pre-rotated right by g*k*unit."""
+        lo, hi = self._bounds[(c, a, d)]
+        pos = self._slot[lo:hi, None] + np.arange(self.width) + g * self.step
+        vec = np.zeros(self.slots)
+        vec[pos.reshape(-1) % self.slots] = np.repeat(self._val[lo:hi], self.width)
+        return vec
+
+    def _bias_block(self, c: int) -> np.ndarray | None:
+        blk = self.bias[c * self.per_ct : (c + 1) * self.per_ct]
+        if not np.any(blk):
+            return None
+        vec = np.zeros(self.slots)
+        vec[: self.per_ct * self.width] = np.repeat(blk, self.width)
+        return vec
+
+    def _babies_of(self, ctx: CKKSContext, a: int, ct: Any) -> dict[int, Any]:
+        baby = {0: ct}
+        if self.key_mode == "direct":
+            for b in self._babies[a]:
+                baby[b] = ctx.rotate(ct, b * self.unit)
+        else:
+            for b in range(1, max(self._babies[a], default=0) + 1):
+                baby[b] = ctx.rotate(baby[b - 1], self.unit)
+        return baby
+
+    def apply(self, ctx: CKKSContext, cts: Sequence[Any]) -> list:
+        """Encrypted W x + b for ``n_in_cts`` ciphertexts: ``n_out_cts`` ciphertexts one level down, canonical.
+
+        Inputs at different levels are first brought to the lowest one (:meth:`CKKSContext.to_canonical`,
+        one extra product each); inputs no entry reads are ignored.
+        """
+        if ctx.slots != self.slots:
+            raise InvalidInput(f"plan built for {self.slots} slots, context has {ctx.slots}")
+        cts = list(cts)
+        if len(cts) != self.n_in_cts:
+            raise InvalidInput(f"BlockMatVec.apply expects {self.n_in_cts} ciphertexts, got {len(cts)}")
+        levels = [ctx.level(ct) for ct in cts]
+        low = int(np.argmin(levels))
+        lvl = ctx.need_levels(cts[low], 1, "BlockMatVec.apply")
+        target = ctx.scale_at(lvl - 1)
+        prod = target * ctx.prime(lvl)  # scale of every product before the rescale
+        ctx.check_product_scale(prod, lvl, "BlockMatVec.apply")
+        baby, pscale = {}, {}
+        for a in self._babies:
+            ct = cts[a] if levels[a] == lvl else ctx.to_canonical(cts[a], lvl)
+            pscale[a] = prod / ct.scale
+            baby[a] = self._babies_of(ctx, a, ct)
+        tmp = seal.Ciphertext()
+        out = []
+        for c in range(self.n_out_cts):
+            inner = {}
+            for g, terms in sorted(self._terms.get(c, {}).items()):
+                acc = None
+                for a, b, d in terms:
+                    pt = ctx.encode(
+                        lambda c=c, a=a, d=d, g=g: self._diag(c, a, d, g), lvl, pscale[a], key=(self._key, c, a, d)
+                    )
+                    dst = seal.Ciphertext() if acc is None else tmp
+                    if ctx.mul_encoded(baby[a][b], pt, dst) is None:  # the diagonal rounds to zero
+                        continue
+                    dst.scale = prod  # equal up to rounding across inputs of different scales
+                    if acc is None:
+                        acc = dst
+                    else:
+                        ctx.add_inplace(acc, dst)
+                inner[g] = acc
+            if self.key_mode == "direct":
+                parts = [v if g == 0 or v is None else ctx.rotate(v, g * self.step) for g, v in inner.items()]
+            else:
+                g_lo, g_hi = min(min(inner, default=0), 0), max(max(inner, default=0), 0)
+                parts = [
+                    inner.get(0),
+                    _horner_sum(ctx, inner, range(1, g_hi + 1), self.step),
+                    _horner_sum(ctx, inner, range(-1, g_lo - 1, -1), -self.step),
+                ]
+            acc = _sum_parts(ctx, parts)
+            if acc is None:
+                acc = ctx.zero(lvl - 1, target)
+            else:
+                ctx.rescale_inplace(acc, target)
+            if self.bias is not None:
+                vec = self._bias_block(c)
+                if vec is not None:
+                    ctx.add_encoded_inplace(acc, ctx.encode(vec, lvl - 1, target, key=(self._key, "bias", c)))
+            out.append(acc)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
 # Polynomials
 
 
@@ -401,14 +852,28 @@ def eval_poly(ctx: CKKSContext, ct: Any, coeffs: Sequence[float]) -> Any:
 # Throughput layout
 
 
-def dense_throughput(ctx: CKKSContext, cts: list, weight: np.ndarray, bias: np.ndarray | None) -> list:
+def _sparse_rows(weight: Any) -> Any:
+    """``weight`` (dense or scipy sparse) as a finite CSR matrix with sorted column indices."""
+    import scipy.sparse as sp
+
+    w = sp.csr_matrix(weight if sp.issparse(weight) else _finite_matrix(weight), dtype=np.float64)
+    if w.ndim != 2 or 0 in w.shape:
+        raise InvalidInput(f"weight must be a non-empty 2-D matrix, got shape {w.shape}")
+    if not np.all(np.isfinite(w.data)):
+        raise InvalidInput("weight contains NaN or inf")
+    w.eliminate_zeros()
+    w.sort_indices()
+    return w
+
+
+def dense_throughput(ctx: CKKSContext, cts: list, weight: Any, bias: np.ndarray | None) -> list:
     """out_j = sum_i W[j, i] * cts[i] + b_j with one sample per slot; consumes one level.
 
     Zero weights are skipped (and weights that round to zero at the plaintext scale); the
     products of a row accumulate at one scale and each output is rescaled once.  A weight
     repeated consecutively in a row is encoded once.
     """
-    w = _finite_matrix(weight)
+    w = _sparse_rows(weight)
     m, n = w.shape
     if len(cts) != n:
         raise InvalidInput(f"weight has {n} input columns but {len(cts)} ciphertexts were given")
@@ -436,8 +901,9 @@ def dense_throughput(ctx: CKKSContext, cts: list, weight: np.ndarray, bias: np.n
     for j in range(m):
         acc = None
         last: tuple[float, float, Any] | None = None
-        for i in np.flatnonzero(w[j]).tolist():
-            value, p = float(w[j, i]), pscale[i]
+        lo, hi = w.indptr[j], w.indptr[j + 1]
+        for i, value in zip(w.indices[lo:hi].tolist(), w.data[lo:hi].tolist(), strict=True):
+            p = pscale[i]
             if abs(value) * p < 0.5:  # rounds to zero at this scale: SEAL would refuse the product
                 continue
             if last is not None and last[0] == value and last[1] == p:
