@@ -158,20 +158,23 @@ def test_duplicates_bias_and_empty_blocks() -> None:
 
 
 def test_one_level_and_mixed_input_levels() -> None:
-    o = RNG.integers(0, 2 * SLOTS, 120)
-    i = RNG.integers(0, 2 * SLOTS, 120)
-    v = RNG.normal(size=120) / 4
-    bias = RNG.normal(size=2 * SLOTS) / 4
+    rng = np.random.default_rng(11)  # its own generator: the map does not depend on test order
+    o = rng.integers(0, 2 * SLOTS, 120)
+    i = rng.integers(0, 2 * SLOTS, 120)
+    v = rng.normal(size=120) / 4
+    bias = rng.normal(size=2 * SLOTS) / 4
     mv = BlockMatVec(o, i, v, 2, 2, SLOTS, bias=bias)
     ctx = context_for(mv, TWO_LEVELS)
-    xs = RNG.uniform(-1, 1, (2, SLOTS))
+    xs = rng.uniform(-1, 1, (2, SLOTS))
     top = ctx.encrypt(xs[0])
     low = ctx.to_canonical(ctx.encrypt(xs[1]), ctx.max_level - 1)
     out = mv.apply(ctx, [top, low])
     for ct in out:
         assert ctx.level(ct) == ctx.max_level - 2 and ct.scale == ctx.scale_at(ctx.level(ct))
     y = np.array([ctx.decrypt(ct) for ct in out])
-    assert close(y, reference(mv, o, i, v, bias, xs), rtol=2e-3)
+    # TWO_LEVELS promises 8 bits: its 28-bit special prime over 25-bit primes leaves key-switching
+    # noise of ~1e-3 in the worst slot of some maps (2.3e-3 seen), so the tolerance is that promise.
+    assert close(y, reference(mv, o, i, v, bias, xs), rtol=2.0**-8)
     last = mv.apply(ctx, [ctx.encrypt(x) for x in xs])  # from the top: exactly one level down
     assert all(ctx.level(ct) == ctx.max_level - 1 for ct in last)
 
