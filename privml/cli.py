@@ -137,6 +137,8 @@ def _compile_from_config(args: argparse.Namespace) -> tuple[Any, torch.nn.Module
     model, dm = train_or_load(args.config, allowed=args.allow_module)
     calib, _ = _tensors(dm.train_set, args.calib)
     options = _compile_options(args)
+    if args.backend == "ckks" and options.get("layout") == "throughput" and getattr(args, "batch_size", None):
+        options.setdefault("batch_size", args.batch_size)  # pack the ciphertexts for the batches eval will send
     if "accuracy_tolerance" in options or options.get("simulate_noise"):
         options["validation"] = _tensors(dm.val_set)
     compiled = privml.compile(model, calib, backend=args.backend, **options)

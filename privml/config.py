@@ -220,6 +220,11 @@ class CKKSConfig(CompileConfig):
     scale_bits: int | None = option(None, "CKKS scale in bits (default: from precision_bits)", min=1)
     coeff_mod_bit_sizes: tuple[int, ...] | None = option(None, "explicit modulus chain in bits, e.g. 60,40,40,60")
     input_expansion: bool = option(True, "latency layout: expand the input so the first layer needs fewer keys")
+    batch_size: int | None = option(None, "throughput layout: largest batch to pack for; below half the slots a "
+                                    "ciphertext holds several features (default: one feature per ciphertext; privml eval: its "
+                                    "--batch-size)", min=1, cli=False)
+    max_context_mb: float | None = option(None, "cap on the public context (MB): fewer Galois keys, missing "
+                                          "rotations composed from the rest (default: up to 4 log2 N keys)", min=1)
     simulate_noise: bool = option(False, "with validation: also predict accuracy under simulated CKKS noise")
 
     @property
@@ -312,10 +317,13 @@ class PlainSessionConfig(SessionConfig):
 @dataclass(frozen=True)
 class CKKSSessionConfig(SessionConfig):
     backend: ClassVar[str] = "ckks"
-    session_only: ClassVar[tuple[str, ...]] = ("allow_insecure",)
+    session_only: ClassVar[tuple[str, ...]] = ("allow_insecure", "memory_limit")
 
     allow_insecure: bool = option(False, "generate keys for parameters below 128-bit security (experiments only; "
                                   "the client's decision: a plan asking for it is ignored)")
+    memory_limit: float | None = option(None, "GB this session may use: a plan predicted to need more is refused "
+                                        "before key generation, or streams its encoded diagonals (re-encodes them "
+                                        "each call) when those alone are over", min=0)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,10 @@ class BudgetError(PrivmlError):
     """The requested error/depth/accuracy budget cannot be met."""
 
 
+class MemoryLimitExceeded(BudgetError):
+    """A session's plan is predicted to need more memory than its ``memory_limit``."""
+
+
 class DepthExhausted(BudgetError):
     """A computation needs more multiplicative depth than the parameters allow."""
 

@@ -18,7 +18,7 @@ from privml.compiler.api import check_input
 from privml.compiler.client import apply_client_ops
 from privml.compiler.plan import Plan
 from privml.config import SessionConfig, session_config
-from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, RangeViolation
+from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, MemoryLimitExceeded, RangeViolation
 from privml.tensor import PrivateTensor
 
 _UNSET = object()
@@ -69,7 +69,44 @@ class Session:
         self.plan = plan
         self.range_slack = self.config.range_slack
         self.last_out_of_range: list[int] = []
+        cache = self._memory_budget(plan)
         self.backend = load_backend(plan.backend).make_backend(plan, **self.config.backend_options())
+        if cache is not None:
+            self.backend.ctx.cache_bytes = cache
+
+    def _memory_budget(self, plan: Plan) -> int | None:
+        """Plaintext cache bytes that keep the session within ``memory_limit`` (None: no limit, keep the default).
+
+        Keys and live ciphertexts are recomputed here from the parameters and the plan's counts; when they alone
+        (plus the process itself) exceed the limit the session is refused before any key is generated."""
+        limit = getattr(self.config, "memory_limit", None)
+        if limit is None:
+            return None
+        from privml.he import memory
+        from privml.he.params import CKKSParams
+
+        mem = plan.params.get("memory_gb")
+        if not isinstance(mem, dict):
+            raise MemoryLimitExceeded("privml: memory_limit= needs a plan with a memory prediction "
+                                      "(plan.params['memory_gb']): recompile the model with this version")
+        params = CKKSParams.from_dict(plan.params["ckks"])
+        keys = ((1 + len(plan.params.get("rotation_steps", []))) * memory.key_switching_key_bytes(params)
+                + 3 * memory.ciphertext_bytes(params))
+        fixed = keys + int(float(mem.get("ciphertexts", 0)) * 1e9) + memory.PROCESS_BASE_BYTES
+        plaintexts = int(float(mem.get("plaintexts", 0)) * 1e9)
+        if fixed > limit * 1e9:
+            raise MemoryLimitExceeded(
+                f"privml: this plan needs about {fixed / 1e9:.2f} GB before caching any weight (keys "
+                f"{keys / 1e9:.2f} GB, ciphertexts {float(mem.get('ciphertexts', 0)):.2f} GB, process "
+                f"{memory.PROCESS_BASE_BYTES / 1e9:.2f} GB), over memory_limit={limit:g} GB: raise the limit, or "
+                "recompile with a smaller ring or fewer keys (lower precision_bits, max_context_mb=)")
+        room = int(limit * 1e9) - fixed
+        if plaintexts > room:
+            warnings.warn(f"privml: the plan's encoded diagonals ({plaintexts / 1e9:.2f} GB) do not fit "
+                          f"memory_limit={limit:g} GB with its keys and ciphertexts: {room / 1e9:.2f} GB of them "
+                          "stay cached, the rest are re-encoded on every call (slower)", UserWarning,
+                          stacklevel=3)
+        return room
 
     def _secure_ckks_plan(self, plan: Plan) -> Plan:
         """The plan with ``allow_insecure`` set by this session, after recomputing the security level.

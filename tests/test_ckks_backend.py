@@ -69,6 +69,23 @@ def test_op_matches_torch(name: str, layout: str) -> None:
     torch.manual_seed(1)
     x = torch.randn(*shape)
     got, compiled, session, out = run_private(Lambda(fn), x, layout)
+    _check_op(fn, x, got, compiled, session, out)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_matches_torch_with_several_features_per_ciphertext(name: str) -> None:
+    """Throughput layout packed for the batch: features share ciphertexts, linear maps rotate between them."""
+    shape, fn = OPS[name]
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    got, compiled, session, out = run_private(Lambda(fn), x, "throughput", batch_size=shape[0])
+    lanes = compiled.plan.params["lanes"]
+    assert lanes == 1 << (shape[0] - 1).bit_length()
+    assert out.packing.width == lanes and out.packing.per_ct == session.backend.ctx.slots // lanes
+    _check_op(fn, x, got, compiled, session, out)
+
+
+def _check_op(fn, x, got, compiled, session, out) -> None:
     expected = fn(x)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < TOL * max(1.0, expected.abs().max().item())

@@ -48,6 +48,30 @@ def poly_depth(degree: int) -> int:
     return degree.bit_length()
 
 
+SQUARE_FORM_AMPLIFICATION = 4.0  # most the completed square may amplify rounding over c2 t^2 + c1 t + c0 (2 bits)
+
+
+def square_form(c: Any) -> tuple[float, float, float, float] | None:
+    """(s, shift, sign, const) with p(t) = sign * (s t + shift)^2 + const for a quadratic p on t in [-1, 1].
+
+    Completing the square lets a degree-2 polynomial cost one level (a square) instead of two: s and shift
+    join the linear map before it, sign and const the one after. None when p is not quadratic or when the
+    cancellation between the square and const would amplify rounding by more than SQUARE_FORM_AMPLIFICATION
+    (p nearly linear: |c1| >> |c2|)."""
+    coeffs = [float(v) for v in c]
+    while coeffs and coeffs[-1] == 0.0:
+        coeffs.pop()
+    if len(coeffs) != 3:
+        return None
+    c0, c1, c2 = coeffs
+    sign = 1.0 if c2 > 0 else -1.0
+    s = math.sqrt(abs(c2))
+    shift = sign * c1 / (2.0 * s)
+    if abs(c2) + abs(c1) + shift * shift > SQUARE_FORM_AMPLIFICATION * (abs(c2) + abs(c1) + abs(c0)):
+        return None
+    return s, shift, sign, c0 - sign * shift * shift
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validation and grids (shared by the fitting and sign modules)
 

@@ -161,11 +161,13 @@ class Runtime:
     A payload is a flat list of ciphertexts: in the latency layout sample after sample, each sample
     ``packing.n_cts`` ciphertexts; in the throughput layout ``packing.n_cts`` ciphertexts for the batch."""
 
-    def __init__(self, ctx: Any, layout: str, expansion: Any = None, key_mode: str = "direct") -> None:
+    def __init__(self, ctx: Any, layout: str, expansion: Any = None, key_mode: str = "direct",
+                 lanes: int | None = None) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
         self.ctx = ctx
         self.layout = layout
+        self.lanes = lanes  # throughput layout: samples per unit (None: every slot, one feature per ciphertext)
         self.expansion = expansion  # privml.he.expansion.InputExpansion for the first layer (latency only)
         self.key_mode = key_mode
         self._affine_cache: dict[tuple, tuple[sp.csr_matrix, np.ndarray, tuple[int, ...]]] = {}
@@ -174,6 +176,11 @@ class Runtime:
     @property
     def slots(self) -> int:
         return self.ctx.slots
+
+    @property
+    def width(self) -> int:
+        """Slots per feature in the throughput layout: the plan's lanes, else the whole ciphertext."""
+        return self.lanes or self.slots
 
     def affine_of(self, key: tuple, op: tuple, sample_shape: tuple[int, ...]) -> tuple:
         """(W, b, output shape) of the op ``(func, args, kwargs, private, per_sample)``, cached by ``key``."""
@@ -190,10 +197,11 @@ class Runtime:
         sample = tuple(shape[1:])
         n = int(np.prod(sample)) if sample else 1
         if self.layout == "throughput":
-            if shape[0] > self.slots:
-                raise InvalidInput(f"privml: batch of {shape[0]} exceeds the {self.slots} slots of the throughput "
-                                   "layout: split it into chunks")
-            return packings.dense(n, self.slots, width=self.slots)
+            if shape[0] > self.width:
+                raise InvalidInput(f"privml: batch of {shape[0]} exceeds the {self.width} slots per feature (lanes) "
+                                   "of this throughput plan: split it into chunks, or compile with batch_size= at "
+                                   "least the batch")
+            return packings.dense(n, self.slots, width=self.width)
         if self.expansion is not None:
             return packings.dense(int(self.expansion.index.size), self.slots)
         return packings.for_shape(sample, self.slots)
@@ -291,8 +299,8 @@ class DryRuntime(Runtime):
     need, and a log of which fused ops consumed which level.
     """
 
-    def __init__(self, layout: str, slots: int = 1 << 14, key_mode: str = "direct") -> None:
-        super().__init__(None, layout, key_mode=key_mode)
+    def __init__(self, layout: str, slots: int = 1 << 14, key_mode: str = "direct", lanes: int | None = None) -> None:
+        super().__init__(None, layout, key_mode=key_mode, lanes=lanes)
         self._slots = slots
         self.depth = 0
         self.rotation_steps: set[int] = set()
@@ -301,6 +309,8 @@ class DryRuntime(Runtime):
         self.fresh_maps: set[tuple] = set()  # distinct affine maps applied directly to the fresh input
         self.first_weight: sp.csr_matrix | None = None
         self.plaintexts = 0  # encoded diagonals one forward pass caches
+        self.plaintexts_at: dict[int, int] = {}  # levels used before the product -> plaintexts encoded there
+        self.live_at: dict[int, int] = {}  # levels used -> most ciphertexts alive at once in a product there
         self.rotation_uses: dict[int, int] = {}  # rotation step -> rotations by it per forward pass
 
     @property
@@ -313,7 +323,7 @@ class DryRuntime(Runtime):
         return after
 
     def encrypt(self, x: torch.Tensor) -> int:
-        self.min_slots = max(self.min_slots, x.shape[0] if self.layout == "throughput" else
+        self.min_slots = max(self.min_slots, max(x.shape[0], self.lanes or 1) if self.layout == "throughput" else
                              int(self.expansion.index.size) if self.expansion is not None else 1)
         self.batch = int(x.shape[0])
         return 0
@@ -333,6 +343,11 @@ class DryRuntime(Runtime):
             for step, count in mv.rotation_uses().items():
                 self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * times
             self.plaintexts += mv.plaintext_count
+            self.plaintexts_at[payload] = self.plaintexts_at.get(payload, 0) + mv.plaintext_count
+            live = (mv.baby_count + mv.n_in_cts + mv.n_out_cts) * times
+            self.live_at[payload] = max(self.live_at.get(payload, 0), live)
+        else:  # one feature per ciphertext: every input and output ciphertext of the layer at once
+            self.live_at[payload] = max(self.live_at.get(payload, 0), src.n_cts + dst.n_cts)
         return self._note(names, "linear", 1, payload + 1), dst
 
     def poly(self, payload: int, coeffs: list[float], input_bound: float | None = None) -> int:
@@ -575,6 +590,7 @@ def _pow(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor:
 def _poly_of(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None = None) -> CKKSTensor:
     """Polynomial activation. With a ``domain``, the x -> t map is fused into a pending linear map (free);
     without a pending map it is folded into the coefficients instead (no extra level either)."""
+    from privml.approx.basis import square_form
     from privml.functional import coeffs_in_x, to_unit_interval
 
     c = [float(v) for v in (coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs)]
@@ -583,6 +599,14 @@ def _poly_of(x: CKKSTensor, coeffs: object, domain: tuple[float, float] | None =
     bound = None
     if domain is not None and x.pending is not None:
         alpha, beta = to_unit_interval(domain)
+        square = square_form(c)
+        if square is not None:  # one level instead of two: the map to u is fused into the pending linear map
+            s, shift, sign, const = square
+            u = _affine(torch.add, (), (_affine(torch.mul, (), (x, alpha * s), {}), beta * s + shift), {})
+            y = _square_of(u)
+            if sign < 0:
+                y = _affine(torch.neg, (), (y,), {})
+            return _affine(torch.add, (), (y, const), {}) if const else y  # fused into the next linear map
         x = _affine(torch.add, (), (_affine(torch.mul, (), (x, alpha), {}), beta), {})
         bound = 1.0  # the polynomial now runs on t in [-1, 1]
     elif domain is not None:
@@ -677,6 +701,7 @@ def loads(data: bytes, runtime: Runtime, cls: type[CKKSTensor] | None = None) ->
     numel = math.prod(shape[1:])
     if (packing.per_ct * packing.width > runtime.slots or packing.n != (packing.n if expanded else numel)
             or (layout == "throughput") != (packing.width > 1) or (layout == "throughput" and shape[0] > packing.width)
+            or (layout == "throughput" and packing.width != runtime.width)
             or packing.n_units > 1 << 30):
         raise MalformedInput(f"privml: the tensor's packing {packing.to_dict()} does not fit its shape "
                              f"{list(shape)} and this context's {runtime.slots} slots")
@@ -718,7 +743,7 @@ class CKKSBackend:
         self.plan = plan
         self.ctx = CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan))
+        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), lanes=plan.params.get("lanes"))
         self.sent_batches: set[int] = set()  # batch sizes this client encrypted: a result must have one of them
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
@@ -800,7 +825,7 @@ class CKKSServer:
             raise KeyMaterialError("privml: the context given to the server contains a secret key; send "
                                    "session.public_context() instead")
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan))
+        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), lanes=plan.params.get("lanes"))
 
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
         """Decode ciphertexts, run ``model`` on them, return the encrypted result as bytes."""
@@ -822,12 +847,13 @@ def make_backend(plan: Any, **_: Any) -> CKKSBackend:
 
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,
-            input_expansion: bool = True, slots: int = 1 << 14, expansion: Any = None) -> DryRuntime:
+            input_expansion: bool = True, slots: int = 1 << 14, expansion: Any = None,
+            lanes: int | None = None) -> DryRuntime:
     """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs at ``slots``.
 
     With ``input_expansion`` the first linear layer may run on a client-side expansion of the input
     (:mod:`privml.he.expansion`); the model is then routed a second time with it."""
-    rt = DryRuntime(layout, slots=slots)
+    rt = DryRuntime(layout, slots=slots, lanes=lanes)
     rt.expansion = expansion
     shape = (batch, *input_shape)
     x = CKKSTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
@@ -843,5 +869,5 @@ def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, b
 
         found = plan_expansion(first.toarray(), slots=rt.slots)
         if found is not None:
-            return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found)
+            return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found, lanes=lanes)
     return rt

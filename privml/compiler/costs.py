@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from privml.approx.basis import poly_depth
+from privml.approx.basis import poly_depth, square_form
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.plan import _node_cost
 from privml.errors import BudgetError
@@ -123,14 +123,23 @@ def _module_cost(mod: nn.Module, metric: str) -> int | None:
     return int(depth) if isinstance(depth, int) else None
 
 
+def is_square_form(mod: nn.Module) -> bool:
+    """A privml.nn polynomial activation of degree 2 that the CKKS backend evaluates as one square."""
+    coeffs = getattr(mod, "coefficient_list", None)
+    return getattr(mod, "degree", None) == 2 and coeffs is not None and square_form(coeffs()) is not None
+
+
 def graph_cost(gm: fx.GraphModule, site_cost: dict[str, int], metric: str = "depth",
-               refresh: frozenset[str] | set[str] = frozenset()) -> tuple[int, dict[str, int]]:
+               refresh: frozenset[str] | set[str] = frozenset(),
+               quadratic: frozenset[str] | set[str] = frozenset()) -> tuple[int, dict[str, int]]:
     """(total, per-node level) of ``gm`` when activation node ``n`` costs ``site_cost[n]``.
 
     ``metric="depth"``: CKKS levels with the backend's rules: a linear op (conv, linear, pooling,
     flatten, add/mul by a constant) stays pending and is fused with the next ones; it costs one
     level when a non-linear op (activation, product of two private values, addition of two
-    different ciphertexts, the output) needs its value. ``metric="rounds"``: MPC rounds (linear
+    different ciphertexts, the output) needs its value. A degree-2 activation on a pending map (sites in
+    ``quadratic``, and privml.nn modules that :func:`is_square_form`) is one square, its output pending
+    (:func:`privml.approx.basis.square_form`). ``metric="rounds"``: MPC rounds (linear
     ops free, a private product one round). Nodes in ``refresh`` restart at level 0 (an enclave
     refresh of their output).
     """
@@ -159,11 +168,15 @@ def graph_cost(gm: fx.GraphModule, site_cost: dict[str, int], metric: str = "dep
             continue
         first = privs[0]
         cost: int | None = None
+        square = node.name in quadratic
         if node.name in site_cost:
             cost = site_cost[node.name]
         elif node.op == "call_module" and hasattr(modules[node.target], "source"):
             cost = _module_cost(modules[node.target], metric)
-        if cost is not None:
+            square = is_square_form(modules[node.target])
+        if cost is not None and square and metric == "depth" and first.pending:
+            out = _Val(mat(first) + 1, True, node.name)
+        elif cost is not None:
             out = _Val(mat(first) + cost, False, node.name)
         else:
             _, kind, _ = _node_cost(node, modules)
@@ -179,10 +192,16 @@ def graph_cost(gm: fx.GraphModule, site_cost: dict[str, int], metric: str = "dep
                     out = first
             elif getattr(fn, "__name__", "") == "polyval" or kind == "activation":
                 deg = 0
-                if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
-                    deg = max((i for i, c in enumerate(node.args[1]) if c), default=0)
-                extra = poly_depth(deg) if metric == "depth" else mpc_poly_cost(deg)[0]
-                out = _Val(mat(first) + extra, False, node.name)
+                coeffs = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else None
+                if coeffs is not None:
+                    deg = max((i for i, c in enumerate(coeffs) if c), default=0)
+                domain = node.kwargs.get("domain", node.args[2] if len(node.args) > 2 else None)
+                if (metric == "depth" and first.pending and domain is not None and coeffs is not None
+                        and all(isinstance(c, (int, float)) for c in coeffs) and square_form(coeffs) is not None):
+                    out = _Val(mat(first) + 1, True, node.name)
+                else:
+                    extra = poly_depth(deg) if metric == "depth" else mpc_poly_cost(deg)[0]
+                    out = _Val(mat(first) + extra, False, node.name)
             elif len(privs) >= 2 and (kind == "mul" or fn in _MULS or node.target in ("mul", "__mul__")):
                 out = _Val(max(mat(v) for v in privs) + 1, False, node.name)
             elif len(privs) >= 2 and (kind == "add" or fn in _ADDS):

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.plan import Plan
-from privml.errors import DepthExhausted
+from privml.errors import BudgetError, DepthExhausted
 from privml.tensor import module_scope
 
 HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing the first prime
@@ -18,13 +18,23 @@ HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing 
 
 def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layout: str = "latency",
               precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
-              coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True) -> None:
-    """Fill ``plan.params`` (CKKS parameters, rotation steps, layout) and the per-layer levels."""
+              coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True,
+              batch_size: int | None = None, max_context_mb: float | None = None) -> None:
+    """Fill ``plan.params`` (CKKS parameters, rotation steps, layout) and the per-layer levels.
+
+    ``batch_size`` (throughput layout): pack for batches of at most that many samples. Below half the
+    slots each feature takes ``lanes`` = the next power of two slots, so one ciphertext holds slots/lanes
+    features (450 samples: 16 features per ciphertext at N=16384 instead of one) and linear maps become
+    block diagonal products between fewer ciphertexts. ``max_context_mb`` caps the public context: fewer
+    Galois keys, the missing rotations composed from the others (more key switches, stated in the plan)."""
     from privml.backends.ckks import dry_run
     from privml.he.params import choose_params
 
+    lanes = None
+    if layout == "throughput" and batch_size is not None:
+        lanes = 1 << max(0, int(batch_size) - 1).bit_length()
     with module_scope(gm):
-        rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion)
+        rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion, lanes=lanes)
     breakdown = [(names, cost) for names, _, cost, _ in rt.log]
     max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
     try:
@@ -35,23 +45,48 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
                                depth_breakdown=breakdown)
     except DepthExhausted as err:
         raise DepthExhausted(f"privml: {err}") from None
-    if params.poly_modulus_degree // 2 != rt.slots:  # packings and rotation steps depend on the slot count
+    if lanes is not None and lanes * 2 > params.poly_modulus_degree // 2:
+        lanes = None  # one feature per ciphertext is as good when a batch fills more than half the slots
+    if params.poly_modulus_degree // 2 != rt.slots or lanes is None:  # packings and steps depend on the slots
         with module_scope(gm):
             rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion,
-                         slots=params.poly_modulus_degree // 2)
-    steps, switches = galois_keys(rt.rotation_uses, params.poly_modulus_degree)
+                         slots=params.poly_modulus_degree // 2, lanes=lanes)
+    from privml.he import memory
+
+    max_keys = None
+    if max_context_mb is not None:
+        max_keys = memory.keys_within(params, max_context_mb * 1e6)
+        if max_keys < _min_keys(rt.rotation_uses, params.slots):
+            need = memory.public_context_bytes(params, _min_keys(rt.rotation_uses, params.slots)) / 1e6
+            raise BudgetError(f"privml: the public context needs at least {need:.0f} MB at N="
+                              f"{params.poly_modulus_degree} (power-of-two Galois keys only), over max_context_mb="
+                              f"{max_context_mb:g}: raise the limit, lower the depth or the precision (a smaller ring)")
+    steps, switches = galois_keys(rt.rotation_uses, params.poly_modulus_degree, max_keys)
+    top = params.depth
+    mem = memory.estimate(params, len(steps), {top - d: n for d, n in rt.plaintexts_at.items()},
+                          {top - d: n for d, n in rt.live_at.items()})
     plan.params.update({
         "layout": layout,
+        "lanes": lanes,
         "ckks": params.to_dict(),
         "depth": rt.depth,
         "security_bits": params.security_bits,
         "poly_modulus_degree": params.poly_modulus_degree,
         "rotation_steps": steps,
         "key_switches": switches,
+        "public_context_mb": round(memory.public_context_bytes(params, len(steps)) / 1e6, 1),
+        "memory_gb": mem.to_dict(),
         "max_abs_value": max_abs,
         "input_expansion": rt.expansion.to_dict() if rt.expansion is not None else None,
     })
     _levels_into_layers(plan, rt.log)
+
+
+def _min_keys(uses: dict[int, int], slots: int) -> int:
+    """Galois keys the non-adjacent forms of the used steps need (the least :func:`galois_keys` can give)."""
+    from privml.he.rotations import _signed, naf
+
+    return len({t % slots for s in uses if int(s) % slots for t in naf(_signed(int(s), slots))})
 
 
 def galois_keys(uses: dict[int, int], poly_modulus_degree: int, max_keys: int | None = None) -> tuple[list[int], int]:

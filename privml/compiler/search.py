@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from privml.approx.basis import square_form
 from privml.compiler.approx import ActivationSite
 from privml.compiler.candidates import Candidate, next_index
 from privml.compiler.costs import graph_cost, place_refreshes
@@ -109,9 +110,14 @@ class Search:
         """CKKS depth of every activation's current candidate, by node name."""
         return {c.site.node.name: c.candidate.depth for c in self.choices}
 
+    def quadratic(self) -> set[str]:
+        """Activations whose current candidate is a degree-2 polynomial the CKKS backend evaluates as one square."""
+        return {c.site.node.name for c in self.choices if c.candidate.kind == "poly" and c.candidate.approx is not None
+                and square_form(c.candidate.approx.power_coeffs()) is not None}
+
     def depth(self) -> int:
         """Total CKKS depth of the current assignment on the graph."""
-        return graph_cost(self.gm, self.depths(), "depth")[0]
+        return graph_cost(self.gm, self.depths(), "depth", quadratic=self.quadratic())[0]
 
     def fits(self) -> bool:
         """Whether the current assignment fits: within ``cap``, or (hybrid) placeable with refreshes."""
@@ -226,7 +232,8 @@ class Search:
             result.total_depth = self.depth()
             if self.segment is not None:
                 result.refresh_points = place_refreshes(self.gm, self.depths(), self.segment)
-                result.levels = graph_cost(self.gm, self.depths(), "depth", set(result.refresh_points))[1]
+                result.levels = graph_cost(self.gm, self.depths(), "depth", set(result.refresh_points),
+                                           self.quadratic())[1]
         if ev is not None:
             for c in self.choices:
                 c.contribution = ev.contribution(c.site.node.name, c.candidate)
