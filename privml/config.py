@@ -221,8 +221,8 @@ class CKKSConfig(CompileConfig):
     coeff_mod_bit_sizes: tuple[int, ...] | None = option(None, "explicit modulus chain in bits, e.g. 60,40,40,60")
     input_expansion: bool = option(True, "latency layout: expand the input so the first layer needs fewer keys")
     batch_size: int | None = option(None, "throughput layout: largest batch to pack for; below half the slots a "
-                                    "ciphertext holds several features (default: one feature per ciphertext; privml eval: its "
-                                    "--batch-size)", min=1, cli=False)
+                                    "ciphertext holds several features (default: one feature per ciphertext; "
+                                    "privml eval: its --batch-size)", min=1, cli=False)
     max_context_mb: float | None = option(None, "cap on the public context (MB): fewer Galois keys, missing "
                                           "rotations composed from the rest (default: up to 4 log2 N keys)", min=1)
     simulate_noise: bool = option(False, "with validation: also predict accuracy under simulated CKKS noise")

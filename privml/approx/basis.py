@@ -40,7 +40,9 @@ def poly_depth(degree: int) -> int:
     """CKKS levels of a degree-``degree`` polynomial in privml's schedule: ceil(log2(degree + 1)).
 
     The single source of this rule: the CKKS evaluator (``privml.he.kernels.eval_poly``) consumes
-    exactly this many levels, and every planner, module and cost model asks this function.
+    exactly this many levels, and every planner, module and cost model asks this function. One exception,
+    decided by :func:`square_form`: a quadratic on a pending linear map costs one level (a square), which
+    ``privml.compiler.costs.graph_cost`` and the CKKS backend both apply.
     """
     degree = int(degree)
     if degree < 0:

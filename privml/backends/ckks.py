@@ -743,7 +743,8 @@ class CKKSBackend:
         self.plan = plan
         self.ctx = CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), lanes=plan.params.get("lanes"))
+        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
+                               lanes=plan.params.get("lanes"))
         self.sent_batches: set[int] = set()  # batch sizes this client encrypted: a result must have one of them
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
@@ -825,7 +826,8 @@ class CKKSServer:
             raise KeyMaterialError("privml: the context given to the server contains a secret key; send "
                                    "session.public_context() instead")
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), lanes=plan.params.get("lanes"))
+        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
+                               lanes=plan.params.get("lanes"))
 
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
         """Decode ciphertexts, run ``model`` on them, return the encrypted result as bytes."""
@@ -848,12 +850,12 @@ def make_backend(plan: Any, **_: Any) -> CKKSBackend:
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,
             input_expansion: bool = True, slots: int = 1 << 14, expansion: Any = None,
-            lanes: int | None = None) -> DryRuntime:
+            lanes: int | None = None, key_mode: str = "direct") -> DryRuntime:
     """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs at ``slots``.
 
     With ``input_expansion`` the first linear layer may run on a client-side expansion of the input
     (:mod:`privml.he.expansion`); the model is then routed a second time with it."""
-    rt = DryRuntime(layout, slots=slots, lanes=lanes)
+    rt = DryRuntime(layout, slots=slots, lanes=lanes, key_mode=key_mode)
     rt.expansion = expansion
     shape = (batch, *input_shape)
     x = CKKSTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
@@ -869,5 +871,6 @@ def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, b
 
         found = plan_expansion(first.toarray(), slots=rt.slots)
         if found is not None:
-            return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found, lanes=lanes)
+            return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found, lanes=lanes,
+                           key_mode=key_mode)
     return rt

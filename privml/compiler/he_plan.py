@@ -13,6 +13,7 @@ from privml.compiler.plan import Plan
 from privml.errors import BudgetError, DepthExhausted
 from privml.tensor import module_scope
 
+KEY_COST = 1.0  # a Galois key is worth keeping if it saves this many key switches per forward pass
 HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing the first prime
 
 
@@ -53,15 +54,26 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
                          slots=params.poly_modulus_degree // 2, lanes=lanes)
     from privml.he import memory
 
-    max_keys = None
-    if max_context_mb is not None:
-        max_keys = memory.keys_within(params, max_context_mb * 1e6)
-        if max_keys < _min_keys(rt.rotation_uses, params.slots):
-            need = memory.public_context_bytes(params, _min_keys(rt.rotation_uses, params.slots)) / 1e6
-            raise BudgetError(f"privml: the public context needs at least {need:.0f} MB at N="
-                              f"{params.poly_modulus_degree} (power-of-two Galois keys only), over max_context_mb="
-                              f"{max_context_mb:g}: raise the limit, lower the depth or the precision (a smaller ring)")
-    steps, switches = galois_keys(rt.rotation_uses, params.poly_modulus_degree, max_keys)
+    max_keys = None if max_context_mb is None else memory.keys_within(params, max_context_mb * 1e6)
+    options = []  # (cost, key mode, dry run, Galois key steps, key switches per forward pass)
+    for mode in ("direct", "few"):
+        if mode == "few":
+            with module_scope(gm):
+                rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion,
+                             slots=params.poly_modulus_degree // 2, lanes=lanes, key_mode="few")
+        least = _min_keys(rt.rotation_uses, params.slots)
+        if max_keys is not None and max_keys < least:
+            options.append((None, mode, rt, least, None))
+            continue
+        steps, switches = galois_keys(rt.rotation_uses, params.poly_modulus_degree, max_keys)
+        options.append((switches + KEY_COST * len(steps), mode, rt, steps, switches))
+    fitting = [o for o in options if o[0] is not None]
+    if not fitting:
+        need = memory.public_context_bytes(params, min(o[3] for o in options)) / 1e6
+        raise BudgetError(f"privml: the public context needs at least {need:.0f} MB at N="
+                          f"{params.poly_modulus_degree} (fewest Galois keys), over max_context_mb="
+                          f"{max_context_mb:g}: raise the limit, lower the depth or the precision (a smaller ring)")
+    _, key_mode, rt, steps, switches = min(fitting, key=lambda o: (o[0], o[1] != "direct"))
     top = params.depth
     mem = memory.estimate(params, len(steps), {top - d: n for d, n in rt.plaintexts_at.items()},
                           {top - d: n for d, n in rt.live_at.items()})
@@ -74,6 +86,7 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
         "poly_modulus_degree": params.poly_modulus_degree,
         "rotation_steps": steps,
         "key_switches": switches,
+        "key_mode": key_mode,
         "public_context_mb": round(memory.public_context_bytes(params, len(steps)) / 1e6, 1),
         "memory_gb": mem.to_dict(),
         "max_abs_value": max_abs,
@@ -83,10 +96,12 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
 
 
 def _min_keys(uses: dict[int, int], slots: int) -> int:
-    """Galois keys the non-adjacent forms of the used steps need (the least :func:`galois_keys` can give)."""
+    """The fewest Galois keys :func:`galois_keys` can give: one per used step, or the powers of two of their
+    non-adjacent forms if those are fewer."""
     from privml.he.rotations import _signed, naf
 
-    return len({t % slots for s in uses if int(s) % slots for t in naf(_signed(int(s), slots))})
+    used = {int(s) % slots for s in uses} - {0}
+    return min(len(used), len({t % slots for s in used for t in naf(_signed(s, slots))}))
 
 
 def galois_keys(uses: dict[int, int], poly_modulus_degree: int, max_keys: int | None = None) -> tuple[list[int], int]:

@@ -321,6 +321,11 @@ def _check_params(params: dict[str, Any], backend: str) -> None:
         _expect(v is None or (_is_int(v) and v >= 0), f"params.{name}", v, "a non-negative integer")
     _expect(params.get("input_expansion") is None or isinstance(params["input_expansion"], dict),
             "params.input_expansion", params.get("input_expansion"), "None or an object")
+    _expect(params.get("key_mode", "direct") in ("direct", "few"), "params.key_mode", params.get("key_mode"),
+            "'direct' or 'few'")
+    lanes = params.get("lanes")
+    _expect(lanes is None or (_is_int(lanes) and 1 <= lanes <= n // 4 and lanes & (lanes - 1) == 0),
+            "params.lanes", lanes, f"None or a power of two <= {n // 4}")
 
 
 def _check_hybrid(hy: Any) -> None:
