@@ -236,7 +236,7 @@ def test_deep_relu_models_run_at_n_16384_and_match_the_clear_model(which):
     assert torch.equal(y.argmax(1), ref.argmax(1))
 
 
-@pytest.mark.slow  # ~100 s on 2 cores (the whole CIFAR ResNet-20 hybrid plan); experiments/bench/resnet20_hybrid.py runs it too
+@pytest.mark.slow  # ~100 s on 2 cores (the whole CIFAR ResNet-20 hybrid plan; the benchmark runs it too)
 def test_cifar_resnet20_compiles_under_hybrid_with_128_bit_parameters():
     from models.resnet import ResNet20
 
