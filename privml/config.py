@@ -223,6 +223,9 @@ class CKKSConfig(CompileConfig):
     batch_size: int | None = option(None, "throughput layout: largest batch to pack for; below half the slots a "
                                     "ciphertext holds several features (default: one feature per ciphertext; "
                                     "privml eval: its --batch-size)", min=1, cli=False)
+    rotation_keys: str = option("auto", "Galois keys: auto (fewest key switches plus keys), direct (one per "
+                                "rotation step) or few (unit and giant steps, the rest by repeated rotation)",
+                                choices=("auto", "direct", "few"))
     max_context_mb: float | None = option(None, "cap on the public context (MB): fewer Galois keys, missing "
                                           "rotations composed from the rest (default: up to 4 log2 N keys)", min=1)
     simulate_noise: bool = option(False, "with validation: also predict accuracy under simulated CKKS noise")

@@ -335,11 +335,11 @@ class DryRuntime(Runtime):
             self.fresh_maps.add(affine.key)
             self.first_weight = affine.weight
         names = "+".join(dict.fromkeys(affine.names))
+        times = self.batch if self.layout == "latency" else 1
         if not (self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1):
             expanded = payload == 0 and self.expansion is not None
             mv = build_matvec(affine, src, dst, self.slots, self.expansion if expanded else None, self.key_mode)
             self.rotation_steps |= mv.rotation_steps()
-            times = self.batch if self.layout == "latency" else 1
             for step, count in mv.rotation_uses().items():
                 self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * times
             self.plaintexts += mv.plaintext_count
@@ -348,6 +348,7 @@ class DryRuntime(Runtime):
             self.live_at[payload] = max(self.live_at.get(payload, 0), live)
         else:  # one feature per ciphertext: every input and output ciphertext of the layer at once
             self.live_at[payload] = max(self.live_at.get(payload, 0), src.n_cts + dst.n_cts)
+        self.live_at[payload + 1] = max(self.live_at.get(payload + 1, 0), 2 * dst.n_cts * times)  # out + activation
         return self._note(names, "linear", 1, payload + 1), dst
 
     def poly(self, payload: int, coeffs: list[float], input_bound: float | None = None) -> int:

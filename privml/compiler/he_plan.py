@@ -20,7 +20,8 @@ HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing 
 def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layout: str = "latency",
               precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
               coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True,
-              batch_size: int | None = None, max_context_mb: float | None = None) -> None:
+              batch_size: int | None = None, max_context_mb: float | None = None,
+              rotation_keys: str = "auto") -> None:
     """Fill ``plan.params`` (CKKS parameters, rotation steps, layout) and the per-layer levels.
 
     ``batch_size`` (throughput layout): pack for batches of at most that many samples. Below half the
@@ -56,11 +57,11 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
 
     max_keys = None if max_context_mb is None else memory.keys_within(params, max_context_mb * 1e6)
     options = []  # (cost, key mode, dry run, Galois key steps, key switches per forward pass)
-    for mode in ("direct", "few"):
-        if mode == "few":
+    for mode in ("direct", "few") if rotation_keys == "auto" else (rotation_keys,):
+        if mode == "few" or rt.key_mode != mode:
             with module_scope(gm):
                 rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion,
-                             slots=params.poly_modulus_degree // 2, lanes=lanes, key_mode="few")
+                             slots=params.poly_modulus_degree // 2, lanes=lanes, key_mode=mode)
         least = _min_keys(rt.rotation_uses, params.slots)
         if max_keys is not None and max_keys < least:
             options.append((None, mode, rt, least, None))
