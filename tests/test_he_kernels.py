@@ -13,7 +13,7 @@ from numpy.polynomial import polynomial as P
 from privml.errors import DepthExhausted, InvalidInput, KeyMaterialError, RangeViolation
 from privml.he.context import CKKSContext
 from privml.he.kernels import (
-    DiagonalMatVec,
+    BlockMatVec,
     dense_throughput,
     eval_poly,
     poly_depth,
@@ -43,13 +43,13 @@ CONV_M = conv_matrix(CONV_W, (1, 8, 8), stride=2, padding=1)  # 32 x 64
 FC1_W, FC1_B = RNG.normal(size=(16, 32)) / 6, RNG.normal(size=16) / 4
 FC2_W, FC2_B = RNG.normal(size=(10, 16)) / 4, RNG.normal(size=10) / 4
 PLANS = {
-    "tall": DiagonalMatVec(W_TALL, B_TALL, SLOTS),
-    "tall_direct": DiagonalMatVec(W_TALL, B_TALL, SLOTS, key_mode="direct"),
-    "conv_direct": DiagonalMatVec(CONV_M, np.repeat(CONV_B, 16), SLOTS, key_mode="direct"),
-    "wide": DiagonalMatVec(W_WIDE, B_WIDE, SLOTS),
-    "conv": DiagonalMatVec(CONV_M, np.repeat(CONV_B, 16), SLOTS),
-    "fc1": DiagonalMatVec(FC1_W, FC1_B, SLOTS),
-    "fc2": DiagonalMatVec(FC2_W, FC2_B, SLOTS),
+    "tall": BlockMatVec.from_dense(W_TALL, B_TALL, SLOTS, key_mode="few"),
+    "tall_direct": BlockMatVec.from_dense(W_TALL, B_TALL, SLOTS, key_mode="direct"),
+    "conv_direct": BlockMatVec.from_dense(CONV_M, np.repeat(CONV_B, 16), SLOTS, key_mode="direct"),
+    "wide": BlockMatVec.from_dense(W_WIDE, B_WIDE, SLOTS, key_mode="few"),
+    "conv": BlockMatVec.from_dense(CONV_M, np.repeat(CONV_B, 16), SLOTS, key_mode="few"),
+    "fc1": BlockMatVec.from_dense(FC1_W, FC1_B, SLOTS, key_mode="few"),
+    "fc2": BlockMatVec.from_dense(FC2_W, FC2_B, SLOTS, key_mode="few"),
 }
 
 
@@ -76,7 +76,7 @@ def test_diagonal_matvec_dense(ctx: CKKSContext, name: str, w: np.ndarray, b: np
     x = RNG.uniform(-1, 1, n)
     ct = ctx.encrypt(x)
     ctx.reset_stats()
-    out = plan.apply(ctx, ct)
+    out = plan.apply(ctx, [ct])[0]
     assert ctx.stats["rotations"] == plan.rotation_count
     assert ctx.stats["ct_pt_mults"] == plan.mult_count == m + n - 1  # dense: every extended diagonal
     assert ctx.stats["rescales"] == 1
@@ -85,9 +85,9 @@ def test_diagonal_matvec_dense(ctx: CKKSContext, name: str, w: np.ndarray, b: np
     y = ctx.decrypt(out)
     assert np.abs(y[:m] - (w @ x + b)).max() < 1e-4
     assert np.abs(y[m:]).max() < 1e-4  # output slots beyond m stay zero
-    plan.apply(ctx, ct)  # the diagonals are encoded once per level: a second apply encodes only the bias
+    plan.apply(ctx, [ct])[0]  # the diagonals are encoded once per level: a second apply encodes only the bias
     ctx.reset_stats()
-    plan.apply(ctx, ct)
+    plan.apply(ctx, [ct])[0]
     assert ctx.stats["encodes"] == 0
 
 
@@ -99,7 +99,7 @@ def test_diagonal_matvec_conv(ctx: CKKSContext, name: str) -> None:
     padded = RNG.uniform(-1, 1, SLOTS)  # slots beyond the input hold garbage: the diagonals ignore it
     padded[:64] = x.reshape(-1).numpy()
     ctx.reset_stats()
-    out = plan.apply(ctx, ctx.encrypt(padded))
+    out = plan.apply(ctx, [ctx.encrypt(padded)])[0]
     assert ctx.stats["rotations"] == plan.rotation_count
     assert plan.mult_count < 64 + 32 - 1  # a strided conv leaves many extended diagonals empty
     y = ctx.decrypt(out)
@@ -115,53 +115,53 @@ def test_layers_chain_without_reencryption(ctx: CKKSContext) -> None:
     ref = (torch.tensor(FC2_W) @ h + torch.tensor(FC2_B)).numpy()
     ct = ctx.encrypt(x.reshape(-1).numpy())
     ctx.reset_stats()
-    ct = PLANS["conv"].apply(ctx, ct)
+    ct = PLANS["conv"].apply(ctx, [ct])[0]
     ct = ctx.square(ct)
-    ct = PLANS["fc1"].apply(ctx, ct)
-    ct = PLANS["fc2"].apply(ctx, ct)
+    ct = PLANS["fc1"].apply(ctx, [ct])[0]
+    ct = PLANS["fc2"].apply(ctx, [ct])[0]
     assert ctx.level(ct) == 0
     assert ctx.stats["rotations"] == sum(PLANS[k].rotation_count for k in ("conv", "fc1", "fc2"))
     y = ctx.decrypt(ct)
     assert np.abs(y[:10] - ref).max() < 1e-3
     assert np.abs(y[10:]).max() < 1e-3
     with pytest.raises(DepthExhausted):
-        PLANS["fc2"].apply(ctx, ct)
+        PLANS["fc2"].apply(ctx, [ct])[0]
 
 
 def test_matvec_guards(ctx: CKKSContext) -> None:
     with pytest.raises(InvalidInput, match="slots"):
-        DiagonalMatVec(np.ones((3000, 2000)), None, SLOTS)
+        BlockMatVec.from_dense(np.ones((SLOTS + 1, 20)), None, SLOTS, key_mode="few")  # rows beyond the slots
     with pytest.raises(InvalidInput):
-        DiagonalMatVec(np.ones((3, 3)), np.ones(4), SLOTS)
+        BlockMatVec.from_dense(np.ones((3, 3)), np.ones(4), SLOTS, key_mode="few")
     with pytest.raises(InvalidInput):
-        DiagonalMatVec(np.array([[np.nan]]), None, SLOTS)
-    far = DiagonalMatVec(np.eye(4, 300, k=250), None, SLOTS, key_mode="direct")  # needs step 250: no key
+        BlockMatVec.from_dense(np.array([[np.nan]]), None, SLOTS, key_mode="few")
+    far = BlockMatVec.from_dense(np.eye(4, 300, k=250), None, SLOTS, key_mode="direct")  # needs step 250: no key
     with pytest.raises(KeyMaterialError, match="Galois key"):
-        far.apply(ctx, ctx.encrypt(np.ones(300)))
-    zero = DiagonalMatVec(np.zeros((5, 5)), np.arange(5.0), SLOTS)
+        far.apply(ctx, [ctx.encrypt(np.ones(300))])
+    zero = BlockMatVec.from_dense(np.zeros((5, 5)), np.arange(5.0), SLOTS, key_mode="few")
     assert zero.rotation_count == 0
-    y = ctx.decrypt(zero.apply(ctx, ctx.encrypt(np.ones(5))))
+    y = ctx.decrypt(zero.apply(ctx, [ctx.encrypt(np.ones(5))])[0])
     assert np.abs(y[:5] - np.arange(5.0)).max() < 1e-4
 
 
 def test_bsgs_rotation_count_scales_with_sqrt() -> None:
     w = RNG.normal(size=(256, 784))
     for mode in ("few", "direct"):
-        big = DiagonalMatVec(w, None, 8192, key_mode=mode)
+        big = BlockMatVec.from_dense(w, None, 8192, key_mode=mode)
         assert big.mult_count == 256 + 784 - 1
         assert big.rotation_count <= 2 * np.sqrt(1039) + 2  # vs 1039 for the plain diagonal method
-    few = DiagonalMatVec(w, None, 8192)
+    few = BlockMatVec.from_dense(w, None, 8192, key_mode="few")
     assert few.rotation_steps() == {1, few.k, -few.k}  # "few": 3 Galois keys
     assert len(big.rotation_steps()) == big.rotation_count  # "direct": one key per rotation
     band = np.eye(64) + np.eye(64, k=1) + np.eye(64, k=-1)
     for mode in ("few", "direct"):
-        plan = DiagonalMatVec(band, None, 4096, key_mode=mode)
+        plan = BlockMatVec.from_dense(band, None, 4096, key_mode=mode)
         assert plan.mult_count == 3 and plan.rotation_count == 2 and plan.rotation_steps() == {1, -1}
-    lone = DiagonalMatVec(np.eye(4, 300, k=250), None, 4096)  # one far diagonal: steps of 1 and +-k
+    lone = BlockMatVec.from_dense(np.eye(4, 300, k=250), None, 4096, key_mode="few")  # one far diagonal
     assert lone.rotation_count <= 2 * np.sqrt(250) + 2
-    assert DiagonalMatVec(np.eye(4, 300, k=250), None, 4096, key_mode="direct").rotation_count == 1
+    assert BlockMatVec.from_dense(np.eye(4, 300, k=250), None, 4096, key_mode="direct").rotation_count == 1
     with pytest.raises(InvalidInput):
-        DiagonalMatVec(band, None, 4096, key_mode="all")
+        BlockMatVec.from_dense(band, None, 4096, key_mode="all")
 
 
 # ---------------------------------------------------------------------------------------------- polynomials

@@ -1,11 +1,10 @@
-"""CKKS building blocks: diagonal matrix-vector product, polynomial evaluation, throughput dense layer.
+"""CKKS building blocks: block diagonal matrix-vector products, polynomial evaluation, throughput dense layer.
 
-Two packings:
-
-* latency: one sample in one ciphertext, features in slots [0, n) and zeros elsewhere;
-  :class:`DiagonalMatVec` maps it to [0, m) with baby-step giant-step rotations.
-* throughput: one ciphertext per feature, one sample per slot; :func:`dense_throughput`
-  is plaintext-scalar products and additions, no rotations.
+* :class:`BlockMatVec`: a sparse linear map between ciphertexts of ``width``-slot units (any packing of
+  :mod:`privml.he.packing`: a sample over several ciphertexts, or several throughput features per
+  ciphertext), by block baby-step giant-step rotations.
+* :func:`dense_throughput`: one ciphertext per feature, one sample per slot; plaintext-scalar products and
+  additions, no rotations.
 
 Every kernel consumes exactly the levels it documents and returns ciphertexts at the
 canonical scale of their level (see :mod:`privml.he.chain`).  Kernels use only the public
@@ -15,7 +14,6 @@ interface of :class:`~privml.he.context.CKKSContext` (its guards and op counters
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +25,6 @@ from privml.he.context import CKKSContext, seal
 
 __all__ = [
     "BlockMatVec",
-    "DiagonalMatVec",
     "dense_throughput",
     "eval_poly",
     "poly_depth",
@@ -56,191 +53,6 @@ def _bias_vector(bias: Any, m: int) -> np.ndarray | None:
     if not np.all(np.isfinite(b)):
         raise InvalidInput("bias contains NaN or inf")
     return b
-
-
-def _bsgs_split(diags: np.ndarray, key_mode: str) -> int:
-    """Baby-step size k minimizing the rotations per product.
-
-    "direct": one rotation per distinct non-zero baby step b and giant step g*k;
-    "few": babies by repeated rotation by 1 (max b rotations), giants by Horner with
-    steps +-k (max g + max -g rotations).
-    """
-    best_k, best = 1, 1 << 62
-    reach = max(int(diags.max()), -int(diags.min()), int(diags.max() - diags.min())) + 1
-    for k in sorted(set(range(1, min(reach, 4 * math.isqrt(reach) + 8) + 1)) | {reach}):
-        g = np.floor_divide(diags, k)
-        b = diags - g * k
-        if key_mode == "direct":
-            cost = len(np.unique(b[b != 0])) + len(np.unique(g[g != 0]))
-        else:
-            cost = int(b.max()) + max(int(g.max()), 0) + max(-int(g.min()), 0)
-        if cost < best:
-            best_k, best = k, cost
-    return best_k
-
-
-class DiagonalMatVec:
-    """y = W x + b on a latency-packed ciphertext with baby-step giant-step diagonals.
-
-    The input holds x in slots [0, n) (other slots are ignored: every diagonal is zero
-    outside the matrix), the output holds y in [0, m) and zeros elsewhere, so layers
-    chain without masking.  Extended diagonal i in (-(m-1), n-1) is d_i[j] = W[j, j+i],
-    so y[j] = sum_i d_i[j] x[j+i].  With i = g*k + b (0 <= b < k):
-    y = sum_g rot(sum_b rot(d_i, -g*k) * rot(x, b), g*k): one ct-pt product per non-zero
-    diagonal (diagonals pre-rotated and encoded once per level), products summed before
-    one rescale.  Consumes exactly one level.
-
-    ``key_mode`` picks the Galois keys:
-    * "few" (default): the babies are rot(x, 1) applied repeatedly and the giants are
-      summed Horner-style with steps +k / -k, so the plan needs at most 3 keys {1, k, -k}
-      (each key-switching key is ~3 MiB at N=8192); rotations = max b + max g + max -g.
-    * "direct": one key and one rotation per distinct non-zero b and g*k: fewer rotations
-      when the diagonals are sparse, but as many keys as rotations.
-    """
-
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, slots: int, key_mode: str = "few") -> None:
-        if key_mode not in ("few", "direct"):
-            raise InvalidInput(f"key_mode must be 'few' or 'direct', got {key_mode!r}")
-        w = _finite_matrix(weight)
-        m, n = w.shape
-        if slots < n + m:
-            raise InvalidInput(
-                f"a {m}x{n} matrix needs at least n + m = {n + m} slots in the latency layout; "
-                f"the ciphertext has {slots} (use a larger N or the throughput layout)"
-            )
-        self.shape = (m, n)
-        self.slots = int(slots)
-        self.key_mode = key_mode
-        self.bias = _bias_vector(bias, m)
-        self._key = ("DiagonalMatVec", next(_KEYS))
-
-        rows, cols = np.nonzero(w)
-        idx = cols - rows
-        self.diagonals = np.unique(idx)  # non-zero extended diagonals
-        self._values: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for i in self.diagonals:
-            sel = idx == i
-            self._values[int(i)] = (rows[sel], w[rows[sel], cols[sel]])
-        # Strided diagonal sets (a conv on an expanded input: multiples of 64) are split in units of their
-        # gcd, so baby steps rotate by `unit` and giant steps by k*unit instead of by 1 and k.
-        self.unit = int(np.gcd.reduce(np.abs(self.diagonals))) if np.any(self.diagonals) else 1
-        self.k = _bsgs_split(self.diagonals // self.unit, key_mode) if self.diagonals.size else 1
-        self.step = self.k * self.unit  # giant step in slots
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for i in self.diagonals.tolist():
-            g, b = divmod(i // self.unit, self.k)  # floor division: b in [0, k)
-            groups.setdefault(g, []).append((b, i))
-        self._groups = sorted(groups.items())
-        bs = {b for _, terms in self._groups for b, _ in terms}
-        gs = {g for g, _ in self._groups}
-        self._babies = sorted(b * self.unit for b in bs - {0})
-        self._giants = sorted({g * self.step for g in gs} - {0})
-        self._baby_max = max(bs, default=0)
-        self._g_lo, self._g_hi = min(min(gs, default=0), 0), max(max(gs, default=0), 0)
-
-    @property
-    def rotation_count(self) -> int:
-        """Rotations per :meth:`apply` (fewer only if whole groups of weights round to zero)."""
-        if self.key_mode == "direct":
-            return len(self._babies) + len(self._giants)
-        return self._baby_max + self._g_hi - self._g_lo
-
-    @property
-    def mult_count(self) -> int:
-        """Ciphertext-plaintext products per :meth:`apply` (one per non-zero diagonal)."""
-        return int(self.diagonals.size)
-
-    def rotation_steps(self) -> set[int]:
-        """Rotation steps the plan needs Galois keys for (negative steps allowed)."""
-        if self.key_mode == "direct":
-            return set(self._babies) | set(self._giants)
-        steps = set()
-        if self._baby_max:
-            steps.add(self.unit)
-        if self._g_hi:
-            steps.add(self.step)
-        if self._g_lo:
-            steps.add(-self.step)
-        return steps
-
-    def _diag(self, g: int, i: int) -> np.ndarray:
-        """Diagonal i as a slot vector, pre-rotated right by g*k."""
-        rows, vals = self._values[i]
-        vec = np.zeros(self.slots)
-        vec[(rows + g * self.step) % self.slots] = vals
-        return vec
-
-    def _babies_of(self, ctx: CKKSContext, ct: Any) -> dict[int, Any]:
-        baby = {0: ct}
-        if self.key_mode == "direct":
-            for b in self._babies:
-                baby[b // self.unit] = ctx.rotate(ct, b)
-        else:
-            for b in range(1, self._baby_max + 1):
-                baby[b] = ctx.rotate(baby[b - 1], self.unit)
-        return baby
-
-    def _inner(self, ctx: CKKSContext, baby: dict, g: int, terms: list, lvl: int, p: float) -> Any:
-        """sum_b rot(d_{g k + b}, -g k) * rot(x, b), unrescaled; None if every product rounds to zero."""
-        inner, tmp = None, seal.Ciphertext()
-        for b, i in terms:
-            pt = ctx.encode(lambda g=g, i=i: self._diag(g, i), lvl, p, key=(self._key, g, i))
-            if inner is None:
-                inner = ctx.mul_encoded(baby[b], pt)
-            elif ctx.mul_encoded(baby[b], pt, tmp) is not None:
-                ctx.add_inplace(inner, tmp)
-        return inner
-
-    def _horner(self, ctx: CKKSContext, inner: dict, gs: range, step: int) -> Any:
-        """sum_{g in gs} rot(inner[g], g*k) for gs running away from 0, with rotations by ``step`` only."""
-        acc = None
-        for g in reversed(gs):
-            if acc is not None:
-                acc = ctx.rotate(acc, step)
-            part = inner.get(g)
-            if part is not None:
-                if acc is None:
-                    acc = part
-                else:
-                    ctx.add_inplace(acc, part)
-        return None if acc is None else ctx.rotate(acc, step)
-
-    def apply(self, ctx: CKKSContext, ct: Any) -> Any:
-        """Encrypted W x + b; the result is one level down at its canonical scale."""
-        if ctx.slots != self.slots:
-            raise InvalidInput(f"plan built for {self.slots} slots, context has {ctx.slots}")
-        lvl = ctx.need_levels(ct, 1, "DiagonalMatVec.apply")
-        target = ctx.scale_at(lvl - 1)
-        p = target * ctx.prime(lvl) / ct.scale
-        ctx.check_product_scale(ct.scale * p, lvl, "DiagonalMatVec.apply")
-        baby = self._babies_of(ctx, ct) if self._groups else {}
-        inner = {g: self._inner(ctx, baby, g, terms, lvl, p) for g, terms in self._groups}
-        if self.key_mode == "direct":
-            parts = [v if g == 0 or v is None else ctx.rotate(v, g * self.step) for g, v in inner.items()]
-        else:
-            parts = [
-                inner.get(0),
-                self._horner(ctx, inner, range(1, self._g_hi + 1), self.step),
-                self._horner(ctx, inner, range(-1, self._g_lo - 1, -1), -self.step),
-            ]
-        acc = None
-        for part in parts:
-            if part is None:
-                continue
-            if acc is None:
-                acc = part
-            else:
-                ctx.add_inplace(acc, part)
-        if acc is None:
-            out = ctx.zero(lvl - 1, target)
-        else:
-            ctx.rescale_inplace(acc, target)
-            out = acc
-        if self.bias is not None:
-            bias = np.zeros(self.slots)
-            bias[: self.shape[0]] = self.bias
-            ctx.add_encoded_inplace(out, ctx.encode(bias, lvl - 1, out.scale, key=(self._key, "bias")))
-        return out
 
 
 # ------------------------------------------------------------------------------------------------
