@@ -89,15 +89,20 @@ class Session:
         if not isinstance(mem, dict):
             raise MemoryLimitExceeded("privml: memory_limit= needs a plan with a memory prediction "
                                       "(plan.params['memory_gb']): recompile the model with this version")
+        try:
+            cts_gb, pts_gb = float(mem.get("ciphertexts", 0)), float(mem.get("plaintexts", 0))
+        except (TypeError, ValueError):
+            raise MalformedInput("privml: the plan's memory_gb holds non-numbers") from None
+        if not (0 <= cts_gb < 1e6 and 0 <= pts_gb < 1e6):
+            raise MalformedInput(f"privml: implausible memory prediction in the plan: {mem}")
         params = CKKSParams.from_dict(plan.params["ckks"])
-        keys = ((1 + len(plan.params.get("rotation_steps", []))) * memory.key_switching_key_bytes(params)
-                + 3 * memory.ciphertext_bytes(params))
-        fixed = keys + int(float(mem.get("ciphertexts", 0)) * 1e9) + memory.PROCESS_BASE_BYTES
-        plaintexts = int(float(mem.get("plaintexts", 0)) * 1e9)
+        keys = memory.key_bytes(params, len(plan.params.get("rotation_steps", [])))
+        fixed = keys + int(cts_gb * 1e9) + memory.PROCESS_BASE_BYTES
+        plaintexts = int(pts_gb * 1e9)
         if fixed > limit * 1e9:
             raise MemoryLimitExceeded(
                 f"privml: this plan needs about {fixed / 1e9:.2f} GB before caching any weight (keys "
-                f"{keys / 1e9:.2f} GB, ciphertexts {float(mem.get('ciphertexts', 0)):.2f} GB, process "
+                f"{keys / 1e9:.2f} GB, ciphertexts {cts_gb:.2f} GB, process "
                 f"{memory.PROCESS_BASE_BYTES / 1e9:.2f} GB), over memory_limit={limit:g} GB: raise the limit, or "
                 "recompile with a smaller ring or fewer keys (lower precision_bits, max_context_mb=)")
         room = int(limit * 1e9) - fixed

@@ -121,3 +121,13 @@ def test_memory_limit_refuses_before_key_generation_and_streams_diagonals_when_o
         assert s.backend.ctx.cache_bytes < mem["plaintexts"] * 1e9
         y = s.decrypt(compiled(s.encrypt(calib[:2])))
     assert torch.allclose(y, compiled(calib[:2]), atol=1e-3)
+
+
+def test_a_forged_memory_prediction_is_refused() -> None:
+    import dataclasses
+
+    compiled, _ = _compile("latency")
+    for bad in ({"ciphertexts": "lots", "plaintexts": 0}, {"ciphertexts": -1.0, "plaintexts": 0}):
+        plan = dataclasses.replace(compiled.plan, params={**compiled.plan.params, "memory_gb": bad})
+        with pytest.raises(MalformedInput, match="memory"):
+            privml.Session(plan, memory_limit=8)

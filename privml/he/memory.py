@@ -85,10 +85,15 @@ class MemoryEstimate:
         return d
 
 
+def key_bytes(params: CKKSParams, galois_keys: int) -> int:
+    """In-memory bytes of one client's keys: secret, public, relinearization and ``galois_keys`` Galois keys."""
+    return (1 + galois_keys) * key_switching_key_bytes(params) + 3 * ciphertext_bytes(params)
+
+
 def estimate(params: CKKSParams, galois_keys: int, plaintexts_by_level: dict[int, int],
              live_ciphertexts_by_level: dict[int, int]) -> MemoryEstimate:
     """Peak memory from counts the planner's dry run records (plaintexts and live ciphertexts per level)."""
-    keys = (1 + galois_keys) * key_switching_key_bytes(params) + 3 * ciphertext_bytes(params)  # + sk, pk
+    keys = key_bytes(params, galois_keys)
     pts = sum(n * plaintext_bytes(params, lvl) for lvl, n in plaintexts_by_level.items())
     # SEAL's memory pool keeps one free list per allocation size and never returns memory: the peak is the sum
     # over levels of the most ciphertexts alive at each (measured: a max over levels under-predicts 2-3x)
