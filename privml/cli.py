@@ -15,7 +15,6 @@ import json
 import sys
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,87 +153,108 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from privml.evaluate import evaluate
+def _eval_config(args: argparse.Namespace) -> Any:
+    """The EvalConfig of ``privml eval``: from --eval-config (flags override its fields) or from the flags alone."""
+    from privml.config import CONFIGS, SESSION_CONFIGS, check_backend
+    from privml.eval_config import EvalConfig, load_eval_config
 
-    compiled, model, dm = _compile_from_config(args)
-    x, y = _tensors(dm.test_set, args.limit)
-    name = Path(args.config).stem
-    report = evaluate(compiled, model, x, y, name=name, batch_size=args.batch_size, **_session_options(args))
-    print(report.short())
-    layout = compiled.plan.params.get("layout")
-    js, md = report.write(args.report_dir, f"{name}_{args.backend}" + (f"_{layout}" if layout else ""))
-    print(f"report: {js} and {md}")
+    top = {"checkpoint": args.checkpoint, "dataset": args.dataset, "limit": args.limit, "calib": args.calib,
+           "tolerance": args.tolerance, "confidence": args.confidence, "watts_per_core": args.watts_per_core,
+           "simulate": args.simulate or None, "allow_module": tuple(args.allow_module) or None}
+    compile_opts, session_opts = _compile_options(args), _session_options(args)
+    if args.eval_config:
+        if args.backend or compile_opts or session_opts or args.config:
+            raise SystemExit("privml eval: with --eval-config, give backends and their options in that file "
+                             "(--backend, --config and backend flags are refused so nothing is silently ignored)")
+        return load_eval_config(args.eval_config, **top)
+    names = args.backend or ["plain"]
+    for b in names:
+        check_backend(b)
+    unused = [k for k in {**compile_opts, **session_opts} if not any(
+        k in CONFIGS[b].option_names() or k in SESSION_CONFIGS[b].option_names() for b in names)]
+    if unused:
+        raise SystemExit(f"privml eval: option(s) {', '.join('--' + k.replace('_', '-') for k in unused)} apply to "
+                         f"none of the backends {names}")
+    runs = []
+    for b in names:
+        runs.append({"backend": b, "batch_size": args.batch_size,
+                     "compile": {k: v for k, v in compile_opts.items() if k in CONFIGS[b].option_names()},
+                     "session": {k: v for k, v in session_opts.items() if k in SESSION_CONFIGS[b].option_names()}})
+    return EvalConfig(model=args.config or DEFAULT_CONFIG, backends=runs,
+                      **{k: v for k, v in top.items() if v is not None})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from privml.runs import run_eval
+
+    if args.resume:
+        result = run_eval(resume=args.resume, progress=not args.no_progress)
+    else:
+        result = run_eval(_eval_config(args), args.report_dir, progress=not args.no_progress)
+    for r in result.reports:
+        print(r.short())
+    print(result.comparison_markdown())
+    run_dir = result.manifest["run_dir"]
+    print(f"report: {run_dir}/report.md (JSON: report.json; plots: {', '.join(result.plots)})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: train (or reuse) the digits model, then evaluate it privately with every backend.
+    """The main job: train (or reuse) the digits model, then evaluate it privately with every backend, side by side.
 
-    plain (clear reference) -> MPC with 2 real parties (exact ReLU) -> CKKS after approximation-aware
-    fine-tuning (degree-2 polynomial activations), throughput layout on the whole test split and latency
-    layout on a few single images.
+    ``configs/eval/digits_compare.yaml``: plain (clear reference) -> MPC with 2 real parties (exact ReLU) -> CKKS
+    after approximation-aware fine-tuning (degree-2 polynomial activations), throughput layout on the whole test
+    split and latency layout on a few single images -> hybrid (an attested enclave, exact ReLU) on a few images.
+    Then LeNet-5 under hybrid (``configs/eval/lenet5_hybrid.yaml``).
     """
+    import dataclasses
     import time
 
-    import privml
-    from privml.evaluate import evaluate
-    from privml.train import train_or_load
+    from privml.eval_config import load_eval_config
+    from privml.runs import run_eval
 
     t0 = time.perf_counter()
-    print(f"[1/5] training or loading the digits CNN ({args.config})", flush=True)
-    model, dm = train_or_load(args.config, allowed=args.allow_module)
-    x, y = _tensors(dm.test_set, args.limit)
-    calib, _ = _tensors(dm.train_set, 512)
-    print(f"      ready in {time.perf_counter() - t0:.1f} s; test split: {len(x)} images", flush=True)
-    reports = []
-
-    def run(step: str, compiled: Any, reference: torch.nn.Module, n: int, batch: int, stem: str,
-            **session_options: Any) -> None:
-        print(f"{step} private evaluation on {n} test images", flush=True)
-        report = evaluate(compiled, reference, x[:n], y[:n], name="digits_cnn", batch_size=batch, **session_options)
-        if compiled.plan.params.get("layout"):
-            report.options["layout"] = compiled.plan.params["layout"]
-        reports.append(report)
-        report.write(args.report_dir, stem)
-
-    print("[2/5] plain backend (clear reference, no protection)", flush=True)
-    run("      ", privml.compile(model, calib, backend="plain"), model, len(x), 64, "demo_plain")
-    if not args.quick:
-        print("[3/5] MPC backend: 2 real party processes (CrypTen), exact ReLU", flush=True)
-        run("      ", privml.compile(model, calib, backend="mpc"), model, len(x), len(x), "demo_mpc", parties=2)
-        print(f"[4/5] CKKS backend after approximation-aware fine-tuning ({args.finetune_config})", flush=True)
-        tuned, _ = train_or_load(args.finetune_config, allowed=args.allow_module)
-        for layout, n, batch in (("throughput", len(x), len(x)), ("latency", min(len(x), args.latency_samples), 1)):
-            # throughput: 14 fractional bits (N=16384), ciphertexts packed for the whole split (16 features each);
-            # latency: 6 bits are enough for argmax over these logits (~0.2 logit error) and fit N=8192 (50 MB
-            # public context, ~1 s per image; 14 bits need N=16384: ~2.5 s)
-            options = {"precision_bits": 14, "batch_size": n} if layout == "throughput" else {"precision_bits": 6}
-            compiled = privml.compile(tuned, calib, backend="ckks", layout=layout, **options)
-            params = compiled.plan.params
-            print(f"      {layout} layout: depth {params['depth']}, N={params['poly_modulus_degree']}, "
-                  f"{params['security_bits']}-bit security", flush=True)
-            run("      ", compiled, model, n, batch, f"demo_ckks_{layout}")
-        print(f"[5/5] hybrid backend: LeNet-5 (ReLU, 28x28 digits) with an attested enclave refreshing ciphertexts "
-              f"({args.hybrid_config})", flush=True)
-        lenet, ldm = train_or_load(args.hybrid_config, allowed=args.allow_module)
-        lx, ly = _tensors(ldm.test_set, args.latency_samples)
-        lcalib, _ = _tensors(ldm.train_set, 256)
-        compiled = privml.compile(lenet, lcalib, backend="hybrid")
-        params = compiled.plan.params
-        print(f"      N={params['poly_modulus_degree']} {params['ckks']['coeff_mod_bit_sizes']}, "
-              f"{len(params['hybrid']['refreshes'])} enclave round trips per image, flooding sigma "
-              f"{params['hybrid']['flood_sigma']:.3g}", flush=True)
-        print(f"      private evaluation on {len(lx)} test images", flush=True)
-        report = evaluate(compiled, lenet, lx, ly, name="lenet5", batch_size=1)
-        report.options["layout"] = "latency"
-        reports.append(report)
-        report.write(args.report_dir, "demo_hybrid_lenet5")
-    print("\n=== privml demo: digits CNN, LeNet-5 (clear accuracy is the original ReLU model's) ===")
-    for r in reports:
-        print(r.short())
-    print(f"reports in {args.report_dir}/ (JSON + Markdown); total {time.perf_counter() - t0:.1f} s")
+    results = []
+    steps = [args.eval_config] if args.quick else [args.eval_config, args.hybrid_eval_config]
+    for i, path in enumerate(steps, 1):
+        cfg = load_eval_config(path, limit=args.limit, allow_module=tuple(args.allow_module) or None)
+        runs = [r for r in cfg.backends if r.backend == "plain"] if args.quick else list(cfg.backends)
+        runs = [dataclasses.replace(r, limit=args.latency_samples) if r.limit is not None else r for r in runs]
+        cfg = dataclasses.replace(cfg, backends=tuple(runs))
+        print(f"[{i}/{len(steps)}] {path}: " + ", ".join(f"{r.name}" + (f" ({r.limit} samples)" if r.limit else "")
+                                                         for r in runs), flush=True)
+        results.append(run_eval(cfg, args.report_dir))
+    print("\n=== privml demo (clear accuracy is the original ReLU model's) ===")
+    for result in results:
+        print(result.comparison_markdown())
+        print(f"report: {result.manifest['run_dir']}/report.md\n")
+    print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    from privml.config import BACKENDS, SESSION_CONFIGS
+    from privml.eval_config import DEFAULT_WATTS_PER_CORE
+
+    p.add_argument("--config", help=f"training config of the model (default: {DEFAULT_CONFIG})")
+    p.add_argument("--backend", nargs="+", metavar="BACKEND",
+                   help=f"one or more of {', '.join(BACKENDS)}: several run side by side (default: plain)")
+    p.add_argument("--eval-config", help="an eval config YAML (configs/eval/): model, data and backends with options")
+    p.add_argument("--checkpoint", help="checkpoint to evaluate (refused unless trained for the config's model)")
+    p.add_argument("--dataset", help="test data set (default: the training config's; must have its sample shape)")
+    p.add_argument("--calib", type=int, help="calibration samples from the training split (default 512)")
+    add_config_flags(p, SESSION_CONFIGS.values())  # --parties, --simulation, --range-slack, ...
+    p.add_argument("--limit", type=int, help="evaluate only the first N test samples")
+    p.add_argument("--batch-size", type=int, help="samples per request (default: what the backend packs best: the "
+                   "whole split for plain, mpc and the throughput layout, 1 for the latency layout)")
+    p.add_argument("--tolerance", type=float, help="allowed accuracy drop private vs clear, for the verdict (0.01)")
+    p.add_argument("--confidence", type=float, help="confidence of the accuracy intervals (0.95)")
+    p.add_argument("--watts-per-core", type=float, help=f"energy estimate: W per busy core ({DEFAULT_WATTS_PER_CORE})")
+    p.add_argument("--simulate", action="store_true", help="also predict each encrypted result in clear with the "
+                   "noise model and report how far it was from the encrypted run")
+    p.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run (its finished requests are reused)")
+    p.add_argument("--report-dir", default="artifacts/reports", help="each run writes a new directory in here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_fit(argv: list[str]) -> int:
@@ -254,7 +274,7 @@ def cmd_fit(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from privml.config import BACKENDS, CONFIGS, SESSION_CONFIGS
+    from privml.config import BACKENDS, CONFIGS
 
     parser = argparse.ArgumentParser(prog="privml", description="Run unmodified PyTorch models privately.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,30 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
 
     for name, helptext in (("compile", "compile a trained model and print/write its plan"),
-                           ("eval", "evaluate a trained model privately and write a report")):
+                           ("eval", "evaluate a trained model privately on one or more backends; write a report")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", default=DEFAULT_CONFIG, help="training config (trains if no checkpoint yet)")
-        p.add_argument("--backend", default="plain", choices=BACKENDS)
-        p.add_argument("--calib", type=int, default=512, help="calibration samples from the training split")
+        if name == "compile":
+            p.add_argument("--config", default=DEFAULT_CONFIG, help="training config (trains if no checkpoint yet)")
+            p.add_argument("--backend", default="plain", choices=BACKENDS)
+            p.add_argument("--calib", type=int, default=512, help="calibration samples from the training split")
         add_config_flags(p, CONFIGS.values())  # --max-error, --layout, --precision-bits, ... (privml.config)
-        if name == "eval":
-            add_config_flags(p, SESSION_CONFIGS.values())  # --parties, --simulation, --range-slack, ...
         if name == "compile":
             p.add_argument("--out", help="write the plan as JSON here")
         else:
-            p.add_argument("--limit", type=int, help="evaluate only the first N test samples")
-            p.add_argument("--batch-size", type=int, default=64)
-            p.add_argument("--report-dir", default="artifacts/reports")
+            _eval_flags(p)
         p.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
 
     d = sub.add_parser("demo", help="the main job: train digits, compile, evaluate privately, print a report")
-    d.add_argument("--config", default=DEFAULT_CONFIG)
-    d.add_argument("--finetune-config", default="configs/finetune_digits_cnn.yaml",
-                   help="approximation-aware fine-tuning config used for the CKKS runs")
+    d.add_argument("--eval-config", default="configs/eval/digits_compare.yaml",
+                   help="the comparison the demo runs (model, backends and their options)")
+    d.add_argument("--hybrid-eval-config", default="configs/eval/lenet5_hybrid.yaml",
+                   help="the second run: LeNet-5 under hybrid")
     d.add_argument("--limit", type=int, help="use only the first N test images")
-    d.add_argument("--latency-samples", type=int, default=4, help="images for the (slower) latency-layout run")
-    d.add_argument("--hybrid-config", default="configs/lenet5_digits28.yaml", help="model of the hybrid run")
-    d.add_argument("--quick", action="store_true", help="plain backend only (no MPC, no CKKS)")
+    d.add_argument("--latency-samples", type=int, default=4,
+                   help="images for the slower runs (those with a limit in the eval config)")
+    d.add_argument("--quick", action="store_true", help="plain backend only (no MPC, no CKKS, no hybrid)")
     d.add_argument("--report-dir", default="artifacts/reports")
     d.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
     return parser

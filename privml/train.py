@@ -389,14 +389,26 @@ def _probe_shapes(spec: dict[str, Any], cls: type[nn.Module]) -> dict[str, tuple
     return {k: tuple(v.shape) for k, v in probe.state_dict().items()}
 
 
+def _spec_differences(expected: dict[str, Any], stored: Any) -> list[str]:
+    """``model.model.<field>: config X, checkpoint Y`` for each field where two model specs differ."""
+    stored = stored if isinstance(stored, dict) else {}
+    diffs = [f"model.model.class_path: config {expected.get('class_path')!r}, checkpoint {stored.get('class_path')!r}"]
+    if expected.get("class_path") == stored.get("class_path"):
+        a, b = expected.get("init_args") or {}, stored.get("init_args") or {}
+        diffs = [f"model.model.init_args.{k}: config {a.get(k)!r}, checkpoint {b.get(k)!r}"
+                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return diffs
+
+
 def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None,
-                               allowed: Sequence[str] = ()) -> nn.Module:
+                               allowed: Sequence[str] = (), expected_spec: dict[str, Any] | None = None) -> nn.Module:
     """The trained inner ``nn.Module`` of a ClassifierModule checkpoint, on CPU, in eval mode.
 
     The model is rebuilt from the spec stored in the checkpoint (a trusted-input check first: its
     class must come from :data:`TRUSTED_MODULES` or ``allowed`` module prefixes, its init_args be plain
     JSON, and its shapes, probed without allocating, those of the stored weights); pass ``model`` (an
-    instance of the right architecture) for checkpoints written without one.
+    instance of the right architecture) for checkpoints written without one. With ``expected_spec`` (the
+    model a config names) a checkpoint trained for another model is refused, naming the fields that differ.
     """
     path = Path(path)
     if not path.is_file():
@@ -409,6 +421,12 @@ def load_model_from_checkpoint(path: str | Path, model: nn.Module | None = None,
         raise MalformedInput(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MalformedInput(f"checkpoint {path}: state_dict entries must be tensors")
+    if expected_spec is not None and ckpt.get(SPEC_KEY) != expected_spec:
+        diffs = _spec_differences(expected_spec, ckpt.get(SPEC_KEY))
+        raise InvalidInput(f"checkpoint {path} was not trained for the model the config names ("
+                           + "; ".join(diffs[:4] or ["model.model: the specs differ"]) + "): retrain it (train_or_load("
+                           "..., force=True), or delete the checkpoint), or point the config's ModelCheckpoint "
+                           "dirpath at a new directory")
     if model is None:
         spec = ckpt.get(SPEC_KEY)
         if spec is None:
@@ -470,8 +488,9 @@ def train_or_load(
 
 def _fit_or_load(cli: LightningCLI, force: bool, allowed: Sequence[str] = ()) -> tuple[nn.Module, PrivmlDataModule]:
     ckpt = checkpoint_path(cli.trainer)
+    cli.datamodule.checkpoint_path = ckpt  # what was evaluated: reports hash it
     if ckpt.is_file() and not force:
-        return load_model_from_checkpoint(ckpt, allowed=allowed), cli.datamodule
+        return load_model_from_checkpoint(ckpt, allowed=allowed, expected_spec=cli.model.model_spec), cli.datamodule
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if not ckpt.is_file():
         raise PrivmlError(f"training finished but wrote no checkpoint at {ckpt}")

@@ -31,12 +31,21 @@ def test_compile_writes_plan(tmp_path, capsys: pytest.CaptureFixture) -> None:
 
 def test_eval_writes_report(tmp_path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["eval", "--config", "configs/breast_cancer_mlp.yaml", "--backend", "ckks", "--layout", "throughput",
-               "--report-dir", str(tmp_path), "--batch-size", "200"])
+               "--report-dir", str(tmp_path), "--no-progress"])
     assert rc == 0
-    report = json.loads((tmp_path / "breast_cancer_mlp_ckks_throughput.json").read_text())
+    (run_dir,) = tmp_path.iterdir()  # a run directory of its own
+    report = json.loads((run_dir / "report.json").read_text())["reports"][0]
     assert report["samples"] > 100 and report["private_accuracy"] >= report["clear_accuracy"] - 0.03
+    assert report["latency"]["requests"] == 1  # the throughput layout takes the whole split in one request
     assert any("secret key" in t for t in report["trust"])
-    assert (tmp_path / "breast_cancer_mlp_ckks_throughput.md").read_text().startswith("# privml evaluation")
+    assert (run_dir / "report.md").read_text().startswith("# privml evaluation")
+    assert "ckks-throughput" in capsys.readouterr().out
+
+
+def test_eval_refuses_an_option_no_chosen_backend_takes(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="--parties"):
+        main(["eval", "--config", "configs/breast_cancer_mlp.yaml", "--backend", "plain", "ckks", "--parties", "3",
+              "--report-dir", str(tmp_path)])
 
 
 def test_privml_errors_exit_cleanly(capsys: pytest.CaptureFixture) -> None:

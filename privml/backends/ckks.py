@@ -801,6 +801,22 @@ class CKKSBackend:
                 "public context bytes": len(self.public_context()), **{f"ops: {k}": v for k, v in
                                                                       self.ctx.stats.items()}}
 
+    def visibility(self) -> list[dict[str, str]]:
+        """Who saw what, one row per role (in a ``privml.Session`` one process plays both; deployed, they differ)."""
+        return [
+            {"role": "client", "input": "plaintext (its own)", "weights": "no", "output": "plaintext (decrypted)",
+             "keys": "secret key + public evaluation context", "also sees": "the plan (calibrated ranges, shapes)"},
+            {"role": "server", "input": "ciphertexts only", "weights": "plaintext (its own)",
+             "output": "ciphertexts only", "keys": "public evaluation context (no secret key)",
+             "also sees": "shapes, packing layout, timing"},
+        ]
+
+    def attacker_model(self) -> str:
+        return ("honest-but-curious server: it follows the protocol and learns nothing from ciphertexts (RLWE, "
+                f"{self.ctx.params.security_bits}-bit HE-standard parameters); it must never see decryptions "
+                "(IND-CPA-D). Not covered: a malicious server returning wrong results (no verifiable computation), "
+                "and the model's architecture and timing, which the server knows.")
+
     def trust_statement(self) -> list[str]:
         return [
             "client: holds the CKKS secret key; sees its inputs and the decrypted logits only.",

@@ -543,6 +543,28 @@ class HybridBackend:
                 "flood sigma": self.plan.params["hybrid"]["flood_sigma"],
                 **{f"ops: {k}": v for k, v in self.ctx.stats.items()}}
 
+    def visibility(self) -> list[dict[str, str]]:
+        """Who saw what: client, server and the enclave."""
+        hy = self.plan.params["hybrid"]
+        signs = "; the sign of every activation (exact ReLU)" if hy.get("enclave_activations") else ""
+        return [
+            {"role": "client", "input": "plaintext (its own)", "weights": "no", "output": "plaintext (decrypted)",
+             "keys": "secret key (provisioned to the enclave) + public context", "also sees": "the audit log"},
+            {"role": "server", "input": "ciphertexts only", "weights": "plaintext (its own)",
+             "output": "ciphertexts only", "keys": "public evaluation context + a refresh token (no secret key)",
+             "also sees": "shapes, timing, how many refreshes it asks for"},
+            {"role": f"enclave (region {self.attestation.region})", "input": "blinded values only",
+             "weights": "no", "output": "blinded values only", "keys": "the secret key",
+             "also sees": f"additively masked values (2^{hy['mask_bits']} x their bound){signs}"},
+        ]
+
+    def attacker_model(self) -> str:
+        return ("honest-but-curious server (as for CKKS) plus a trusted enclave: it keeps the secret key confidential "
+                "and is checked by attestation (PCRs, certificate chain to the pinned root, fresh nonce, region), a "
+                "decryption budget and a signed hash-chained audit log; refreshes are blinded and noise-flooded "
+                "(IND-CPA-D). Caveats: side channels are the known weakness of SGX-class enclaves, and a compromised "
+                "enclave exposes every ciphertext under its key. Here the enclave is simulated.")
+
     def trust_statement(self) -> list[str]:
         hy = self.plan.params["hybrid"]
         relu = hy.get("enclave_activations")

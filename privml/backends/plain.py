@@ -131,6 +131,14 @@ class PlainBackend:
     def decrypt(self, t: PlainTensor) -> torch.Tensor:
         return t.payload.detach().clone()
 
+    def visibility(self) -> list[dict[str, str]]:
+        """Who saw what, one row per role (the columns of the report's table)."""
+        return [{"role": "whoever runs the model", "input": "plaintext", "weights": "plaintext",
+                 "output": "plaintext", "keys": "none (nothing is encrypted)", "also sees": "everything"}]
+
+    def attacker_model(self) -> str:
+        return "none: no protection at all; the clear reference that predicts what the encrypted backends compute."
+
     def trust_statement(self) -> list[str]:
         """Who saw what: here, everyone sees everything."""
         return [

@@ -174,13 +174,13 @@ def _plan_ckks(gm: nn.Module, stats: Any, plan: Plan, cfg: CKKSConfig, choice: A
     if cfg.simulate_noise and choice is not None and cfg.validation is not None:
         from privml.compiler.choose import simulated_accuracy
 
-        std = _noise_std(plan, cfg.precision_bits)
+        std = noise_std(plan, cfg.precision_bits)
         x, y = cfg.validation
         plan.predicted["accuracy_noise_sim"] = simulated_accuracy(gm, x, y, std)
         plan.params.setdefault("approximation", {})["noise_sim_std"] = std
 
 
-def _noise_std(plan: Plan, precision_bits: int) -> float:
+def noise_std(plan: Plan, precision_bits: int) -> float:
     """CKKS noise per op: 2^(noise bits - scale bits) with the plan's parameters, else 2^-precision_bits."""
     ck = plan.params.get("ckks")
     if ck:

@@ -287,6 +287,7 @@ class Attestation:
     module_id: str
     certificate: bytes  # leaf DER
     nonce: bytes = field(repr=False, default=b"")
+    document: bytes = field(repr=False, default=b"")  # the verified COSE_Sign1 bytes (the transcript reports keep)
 
     @property
     def leaf_public_key(self) -> ec.EllipticCurvePublicKey:
@@ -387,4 +388,4 @@ def verify_attestation(doc: bytes, *, root_certificate: bytes | str, expected_pc
         raise _fail("region", f"the enclave runs in {region!r}, not in {list(allowed_regions)}")
     return Attestation(pcrs=dict(sorted(pcrs.items())), region=region, public_key=payload["public_key"],
                        timestamp=payload["timestamp"], module_id=payload["module_id"],
-                       certificate=payload["certificate"], nonce=bytes(nonce))
+                       certificate=payload["certificate"], nonce=bytes(nonce), document=bytes(doc))

@@ -142,6 +142,35 @@ class MPCBackend:
         out["layers"] = layers
         return out
 
+    def visibility(self) -> list[dict[str, str]]:
+        """Who saw what: one row per party process, and the dealer of Beaver triples."""
+        rows = []
+        for r in range(self.parties):
+            weights = ("plaintext (public weights)" if self.weight_party is None else
+                       "plaintext (its own)" if r == self.weight_party else "random shares only")
+            rows.append({"role": f"party {r}" + (" (data)" if r == self.data_party else ""),
+                         "input": "plaintext (its own)" if r == self.data_party else "random shares only",
+                         "weights": weights,
+                         "output": "plaintext (opened to it)" if r == self.output_party else "random shares only",
+                         "keys": "its PRG seeds; no secret key exists",
+                         "also sees": "masked openings of Beaver products, shapes, timing"
+                         + ("; generates every Beaver triple (TFP)" if r == 0 and self.provider == "TFP" else "")})
+        if self.provider != "TFP":
+            rows.append({"role": "dealer (" + ("attested enclave" if self.provider == "ENCLAVE" else "TTP process")
+                         + ")", "input": "no", "weights": "no", "output": "no", "keys": "the Beaver triples it deals",
+                         "also sees": "shapes of the requested triples"})
+        return rows
+
+    def attacker_model(self) -> str:
+        dealer = {"TFP": "party 0 generates the triples (trusted first party: a test setting, not a secure "
+                         "deployment)",
+                  "TTP": "a separate dealer process generates the triples and must not collude with a party",
+                  "ENCLAVE": "the attested enclave deals the triples and must not collude with a party"}[self.provider]
+        return (f"semi-honest parties without collusion ({self.parties} parties, CrypTen additive sharing): each "
+                f"follows the protocol and learns nothing from its shares; {dealer}. Not covered: a malicious party "
+                "deviating from the protocol (no MACs on shares), and colluding parties, who can reconstruct "
+                "everything.")
+
     def trust_statement(self) -> list[str]:
         provider = {
             "TFP": "Beaver triples: TFP (CrypTen's trusted first party): party 0 generates every triple itself, so "
