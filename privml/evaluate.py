@@ -77,7 +77,7 @@ class _Monitor:
 
     def __enter__(self) -> _Monitor:
         self.cpu0 = self._cpu()
-        self.peak = self._rss()
+        self.start = self.peak = self._rss()
         self._thread.start()
         return self
 
@@ -91,8 +91,8 @@ class _Monitor:
 class _LayerTimer:
     """Seconds and backend op counts per leaf module of a compiled model, over the calls it watches."""
 
-    def __init__(self, module: torch.nn.Module, stats: dict[str, int] | None) -> None:
-        self.stats = stats
+    def __init__(self, module: torch.nn.Module, counters: Any) -> None:
+        self.counters = counters  # () -> {name: count} of the backend, read before and after each module
         self.rows: dict[str, dict[str, float]] = {}
         self._open: dict[str, tuple[float, dict[str, int]]] = {}
         self._handles = []
@@ -103,7 +103,7 @@ class _LayerTimer:
 
     def _pre(self, name: str) -> Any:
         def hook(*_: object) -> None:
-            self._open[name] = (time.perf_counter(), dict(self.stats or {}))
+            self._open[name] = (time.perf_counter(), self.counters())
         return hook
 
     def _post(self, name: str) -> Any:
@@ -111,7 +111,7 @@ class _LayerTimer:
             t0, s0 = self._open.pop(name, (time.perf_counter(), {}))
             row = self.rows.setdefault(name, {"seconds": 0.0})
             row["seconds"] += time.perf_counter() - t0
-            for k, v in (self.stats or {}).items():
+            for k, v in self.counters().items():
                 if v - s0.get(k, 0):
                     row[k] = row.get(k, 0) + v - s0.get(k, 0)
         return hook
@@ -260,7 +260,7 @@ def _run_requests(compiled: CompiledModel, x: torch.Tensor, batch_size: int, tod
         session = session or Session(compiled.plan, **{"out_of_range": "warn", **session_options})
         setup = time.perf_counter() - t0
         backend = session.backend
-        stats = getattr(getattr(backend, "ctx", None), "stats", None)
+        counters = _op_counters(backend)
         meta: dict[str, Any] = {"setup_seconds": prior.get("setup_seconds", 0.0) + setup,
                                 "sizes": dict(prior.get("sizes", {})), "provenance": {}}
         try:
@@ -275,7 +275,7 @@ def _run_requests(compiled: CompiledModel, x: torch.Tensor, batch_size: int, tod
                     if stop_after is not None and k >= stop_after:
                         raise KeyboardInterrupt(f"stopped after {stop_after} requests (stop_after)")
                     xb = x[start:start + batch_size]
-                    timer = _LayerTimer(compiled.module, stats)
+                    timer = _LayerTimer(compiled.module, counters)
                     cpu0 = mon._cpu()
                     t = time.perf_counter()
                     try:
@@ -310,11 +310,26 @@ def _run_requests(compiled: CompiledModel, x: torch.Tensor, batch_size: int, tod
             if own:
                 session.close()  # a session it opened (hybrid: the enclave it started)
     meta["peak_rss_gb"] = max(prior.get("peak_rss_gb", 0.0), mon.peak / 1e9)
+    meta["rss_at_start_gb"] = prior.get("rss_at_start_gb", mon.start / 1e9)
     meta["setup_cpu"] = prior.get("setup_cpu", 0.0) + max(0.0, mon.cpu_seconds - sum(
         float(done[s]["cpu_seconds"]) for s in todo if s in done))
     if st:
         st.save_meta(meta)
     return meta
+
+
+def _op_counters(backend: Any) -> Any:
+    """A function reading the backend's op counters: CKKS op counts, and the enclave refreshes' traffic (hybrid)."""
+
+    def read() -> dict[str, float]:
+        out: dict[str, float] = dict(getattr(getattr(backend, "ctx", None), "stats", None) or {})
+        refresher = getattr(getattr(backend, "runtime", None), "refresher", None)
+        if refresher is not None:  # re-read each time: a rekey replaces the runtime
+            st = refresher.stats
+            out.update(refreshes=st.requests, refresh_bytes=st.bytes_sent + st.bytes_received)
+        return out
+
+    return read
 
 
 def _costs(backend: Any) -> dict[str, Any]:
@@ -325,7 +340,8 @@ def _sizes(backend: Any) -> dict[str, Any]:
     """Key and context sizes the client uploads once (CKKS, hybrid)."""
     out: dict[str, Any] = {}
     if hasattr(backend, "public_context"):
-        out["public_context_bytes"] = len(backend.public_context())
+        size = getattr(backend, "public_context_bytes", None)
+        out["public_context_bytes"] = size() if size else len(backend.public_context())
         out["galois_keys"] = len(getattr(backend.ctx, "rotation_steps", []))
     return out
 
@@ -408,7 +424,8 @@ def _report(compiled: CompiledModel, name: str, label: str | None, y: torch.Tens
         approximation_error=float((approx_logits - clear_logits).abs().max()),
         confidence=confidence, clear_interval=wilson_interval(clear_ok, n, confidence), private_interval=(lo, hi),
         tolerance=tolerance, verdict=verdict, latency=lat, setup_seconds=round(meta.get("setup_seconds", 0.0), 3),
-        resources={"peak_rss_gb": round(meta.get("peak_rss_gb", 0.0), 3)}, sizes=dict(meta.get("sizes", {})),
+        resources={"peak_rss_gb": round(meta.get("peak_rss_gb", 0.0), 3),
+                   "rss_at_start_gb": round(meta.get("rss_at_start_gb", 0.0), 3)}, sizes=dict(meta.get("sizes", {})),
         layers=_layers(compiled, layer_rows, costs, lat["total_s"]),
         out_of_range_inputs=flagged_in, out_of_range_outputs=flagged_out,
         seconds_total=lat["total_s"], seconds_per_sample=lat["total_s"] / n, options=options, costs=costs,

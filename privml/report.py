@@ -153,7 +153,8 @@ class EvalReport:
                   f"| setup (keys, parties, enclave) | {self.setup_seconds:.2f} s |"]
         res = self.resources or {}
         if res:
-            lines += [f"| peak memory (RSS, this process and its children) | {res.get('peak_rss_gb', 0):.2f} GB |",
+            lines += [f"| peak memory (RSS, this process and its children) | {res.get('peak_rss_gb', 0):.2f} GB "
+                      f"({res.get('rss_at_start_gb', 0):.2f} GB before this backend started) |",
                       f"| CPU time | {res.get('cpu_seconds', 0):.1f} s |",
                       f"| energy estimate | {res.get('energy_wh', 0):.3g} Wh ({res.get('energy_j', 0):.3g} J) |"]
         lines += [f"| {k.replace('_', ' ')} | {_human(k, v)} |" for k, v in (self.sizes or {}).items()]

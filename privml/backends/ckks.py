@@ -787,6 +787,12 @@ class CKKSBackend:
 
         return dump_context(self.ctx, include_secret=False)
 
+    def public_context_bytes(self) -> int:
+        """Size of :meth:`public_context` (serialized once: the keys do not change within a session)."""
+        if getattr(self, "_context_bytes", None) is None:
+            self._context_bytes = len(self.public_context())
+        return self._context_bytes
+
     def dumps(self, t: CKKSTensor) -> bytes:
         return dumps(t)
 
@@ -798,7 +804,7 @@ class CKKSBackend:
         return {"ring dimension N": p.poly_modulus_degree, "modulus chain (bits)": list(p.coeff_mod_bit_sizes),
                 "scale bits": p.scale_bits, "security": f"{p.security_bits}-bit (HE standard)",
                 "galois keys (rotation steps)": len(self.ctx.rotation_steps),
-                "public context bytes": len(self.public_context()), **{f"ops: {k}": v for k, v in
+                "public context bytes": self.public_context_bytes(), **{f"ops: {k}": v for k, v in
                                                                       self.ctx.stats.items()}}
 
     def visibility(self) -> list[dict[str, str]]:
