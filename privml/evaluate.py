@@ -257,7 +257,8 @@ def _run_requests(compiled: CompiledModel, x: torch.Tensor, batch_size: int, tod
     own = session is None
     with _Monitor() as mon:
         t0 = time.perf_counter()
-        session = session or Session(compiled.plan, **{"out_of_range": "warn", **session_options})
+        if session is None:  # its own session, started: MPC parties stay up for every request
+            session = Session(compiled.plan, **{"out_of_range": "warn", **session_options}).start()
         setup = time.perf_counter() - t0
         backend = session.backend
         counters = _op_counters(backend)

@@ -216,10 +216,18 @@ class Session:
         return self.backend.encrypt(x)
 
     def __enter__(self) -> Session:
-        return self
+        return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def start(self) -> Session:
+        """Bring the backend's long-lived parts up now (MPC: start the party processes once and keep them for every
+        later call, instead of launching them per call); ``with Session(...) as s:`` does it too."""
+        start = getattr(self.backend, "start", None)
+        if start is not None:
+            start()
+        return self
 
     def close(self) -> None:
         """Release what the backend holds (the hybrid backend: its enclave connection and any enclave it started)."""

@@ -276,6 +276,30 @@ def _child_main(conn: multiprocessing.connection.Connection, fn: Callable[..., A
 # ----------------------------------------------------------------------------- parent side
 
 
+def check_main_guard() -> None:
+    """Refuse to spawn parties from a script that would start them again when each party re-imports it.
+
+    Party processes are spawned: each imports the main script afresh, so code that starts a session at the top
+    level of a script without ``if __name__ == "__main__":`` runs again inside every party (CrypTen then
+    fails with a misleading error). Checked on the script's source before anything is spawned.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py") or getattr(main, "__spec__", None) is not None:
+        return  # an interactive session, python -c, python -m (the module's own guard applies), a frozen app
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError):
+        return
+    if "__name__" in source and "__main__" in source:
+        return
+    raise InvalidInput(
+        f"privml: MPC parties are separate processes that re-import your script {path}; put the code that runs "
+        "the session under a main guard, e.g.\n\n    if __name__ == \"__main__\":\n        main()\n\n"
+        "(functions and classes the parties need stay at the top level)")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -387,6 +411,7 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     if not callable(fn):
         raise InvalidInput(f"fn must be callable, got {type(fn).__name__}")
     _check_crypten_installed()
+    check_main_guard()
     if rank_args is not None and (len(rank_args) != world_size or not all(isinstance(a, tuple) for a in rank_args)):
         raise InvalidInput(f"rank_args must be {world_size} tuples (one per party), got {rank_args!r:.200}")
     deal = None

@@ -88,9 +88,25 @@ class MPCBackend:
 
             self.enclave_dealer = EnclaveDealer.coerce(enclave)
         self.runs: list[dict[str, Any]] = []
+        self.pool: Any = None  # a PartyPool while the session is started (parties stay up between calls)
         self.range_notes = check_fixed_point(plan, margin=range_margin) if plan is not None else []
         for note in self.range_notes:
             warnings.warn(note, stacklevel=3)
+
+    def start(self) -> None:
+        """Start the party processes now and keep them up for every later call (until :meth:`close`)."""
+        from privml.parties.pool import PartyPool
+
+        if self.pool is None:
+            self.pool = PartyPool(self.parties, timeout=self.timeout, roles=self.roles, ttp=self.ttp,
+                                  dealer=self.enclave_dealer)
+        self.pool.start()
+
+    def close(self) -> None:
+        """Stop the party processes of a started session (none are left behind)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     @property
     def provider(self) -> str:

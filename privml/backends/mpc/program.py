@@ -136,8 +136,12 @@ class Program:
         from privml.parties.costs import combine_summaries
         from privml.parties.launcher import run_parties
 
-        results = run_parties(replay_party, b.parties, (skeleton,), timeout=b.timeout, ttp=b.ttp,
-                              roles=b.roles, rank_args=rank_args, dealer=getattr(b, "enclave_dealer", None))
+        pool = getattr(b, "pool", None)
+        if pool is not None:  # a started session: its parties stay up between calls
+            results = pool.run(replay_party, (skeleton,), rank_args=rank_args)
+        else:
+            results = run_parties(replay_party, b.parties, (skeleton,), timeout=b.timeout, ttp=b.ttp,
+                                  roles=b.roles, rank_args=rank_args, dealer=getattr(b, "enclave_dealer", None))
         reader = b.output_party if b.output_party is not None else 0
         value = results[reader]["output"]
         self.costs = combine_summaries([r["costs"] for r in results])

@@ -1,0 +1,265 @@
+"""MPC parties that stay up: start the party processes once, run many jobs on them, tear them down cleanly.
+
+``run_parties`` pays for spawning Python, importing torch and CrypTen and a gloo rendezvous on every call
+(seconds); a :class:`PartyPool` pays it once. Each party process initialises CrypTen once and then serves
+jobs ``fn(ctx, *args)`` one at a time, each ending in a barrier, exactly as ``run_parties`` runs them.
+
+Failure model: a job that raises, a party that dies, or a job that outlives ``deadline`` seconds raises
+:class:`~privml.errors.PartyFailure` naming the party, and the pool is torn down at once (its processes may be
+stuck in a collective the others left); the next :meth:`PartyPool.run` starts a fresh pool. Party processes
+die with their parent (``PR_SET_PDEATHSIG``), so a killed launcher leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import sys
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from privml.errors import InvalidInput, PartyFailure
+from privml.parties.compat import import_crypten
+from privml.parties.launcher import (
+    _DEALER_IDLE_S,
+    TTP_ROLE,
+    PartyContext,
+    RunResult,
+    _check_common,
+    _check_crypten_installed,
+    _die_with_parent,
+    _dist_timeout,
+    _failure_error,
+    _free_port,
+    _is_comm_error,
+    _party_logger,
+    _read_report,
+    _stop_all,
+    check_main_guard,
+)
+
+_POLL_S = 0.2
+_GRACE_S = 2.0  # after a failure, how long to keep listening for the root cause
+
+
+def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _report_error(conn: multiprocessing.connection.Connection, exc: BaseException) -> None:
+    info = {"type": type(exc).__name__, "message": str(exc), "comm": _is_comm_error(exc),
+            "traceback": traceback.format_exc()}
+    with contextlib.suppress(Exception):
+        _send(conn, ("error", info))
+        conn.close()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)  # skip interpreter teardown: a half-open process group can block it
+
+
+def _pool_party(conn: multiprocessing.connection.Connection, rank: int, world_size: int, roles: list[str],
+                timeout: float, ttp: bool, env: dict[str, str], log_level: int, enclave: dict | None) -> None:
+    """A pooled party: initialise CrypTen once, answer "ready", then run jobs until told to stop."""
+    _die_with_parent()
+    try:
+        crypten = import_crypten()
+        is_dealer = ttp and rank == world_size
+        os.environ.update({**env, "DISTRIBUTED_BACKEND": "gloo", "WORLD_SIZE": str(world_size), "RANK": str(rank)})
+        crypten.cfg.mpc.provider = "TTP" if ttp else "TFP"
+        if is_dealer:  # CrypTen's dealer serves triples to the parties until they shut down
+            with _dist_timeout(max(timeout, _DEALER_IDLE_S)):
+                _send(conn, ("ok", "ready"))
+                crypten.mpc.provider.TTPServer()
+            os._exit(0)
+        with _dist_timeout(timeout):
+            crypten.init(party_name=roles[rank])
+        if enclave is not None:
+            from privml.parties.dealer import install_enclave_provider
+
+            install_enclave_provider(**enclave, rank=rank)
+        provider = "TTP" if ttp else "ENCLAVE" if enclave is not None else "TFP"
+        ctx = PartyContext(rank=rank, world_size=world_size, roles=list(roles),
+                           logger=_party_logger(roles[rank], rank, log_level, True), timeout=timeout,
+                           provider=provider)
+        _send(conn, ("ok", "ready"))
+        while True:
+            message = pickle.loads(conn.recv_bytes())
+            if message[0] == "stop":
+                break
+            _, fn, args = message
+            result = fn(ctx, *args)
+            crypten.comm.get().barrier()  # nobody takes the next job before everyone finished this one
+            _send(conn, ("ok", result))
+        crypten.uninit()
+        conn.close()
+        os._exit(0)
+    except BaseException as exc:  # noqa: B036 - report everything, including KeyboardInterrupt
+        _report_error(conn, exc)
+
+
+class PartyPool:
+    """``world_size`` party processes kept up between jobs (``run``), on this machine.
+
+    Same arguments as :func:`~privml.parties.launcher.run_parties` (``ttp``, ``dealer``, ``roles``, ``timeout``:
+    the gloo timeout of every wait on another party). ``deadline``: seconds any one job may take in all before
+    ``PartyFailure`` (None: no overall limit). Use as a context manager, or ``start()``/``close()``.
+    """
+
+    def __init__(self, world_size: int, *, timeout: float = 120.0, roles: list[str] | None = None,
+                 ttp: bool = False, dealer: Any = None, log_level: int = logging.WARNING,
+                 deadline: float | None = None) -> None:
+        self.names = _check_common(world_size, timeout, roles)
+        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
+            raise InvalidInput(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+        if dealer is not None and ttp:
+            raise InvalidInput("choose one dealer of Beaver triples: ttp=True or dealer=EnclaveDealer(...), not both")
+        self.world_size, self.timeout, self.ttp, self.dealer = world_size, float(timeout), ttp, dealer
+        self.log_level, self.deadline = log_level, deadline
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        self.jobs = 0
+        self.starts = 0
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def provider(self) -> str:
+        return "TTP" if self.ttp else "ENCLAVE" if self.dealer is not None else "TFP"
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start(self) -> PartyPool:
+        """Spawn the parties and wait until every one is initialised (a no-op if the pool is up)."""
+        if self.alive:
+            return self
+        self.close()
+        _check_crypten_installed()
+        check_main_guard()
+        deal = None
+        if self.dealer is not None:
+            from privml.parties.dealer import EnclaveDealer
+
+            deal = EnclaveDealer.coerce(self.dealer).open_session(self.world_size, timeout=self.timeout)
+        n = self.world_size + (1 if self.ttp else 0)
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RENDEZVOUS": "env://"}
+        mp = multiprocessing.get_context("spawn")
+        all_names = self.names + ([TTP_ROLE] if self.ttp else [])
+        try:
+            for rank in range(n):
+                parent, child = mp.Pipe(duplex=True)
+                enclave = deal.for_party(rank, self.timeout) if deal is not None and rank < self.world_size else None
+                proc = mp.Process(target=_pool_party, name=f"privml-pool-{all_names[rank]}", daemon=True,
+                                  args=(child, rank, self.world_size, self.names, self.timeout, self.ttp, env,
+                                        self.log_level, enclave))
+                proc.start()
+                child.close()  # EOF on the parent's end once the party is gone
+                self.procs.append(proc)
+                self.conns.append(parent)
+            self._finalizer = weakref.finalize(self, _stop_all, list(self.procs))
+            self._collect(range(n), "start", deadline=max(self.timeout, 60.0) + 60.0)
+        except BaseException:
+            self.close()
+            raise
+        self.starts += 1
+        return self
+
+    def run(self, fn: Callable[..., Any], args: tuple = (), *, rank_args: list[tuple] | None = None) -> RunResult:
+        """Run ``fn(ctx, *args, *rank_args[r])`` in every party (starting the pool first if it is down)."""
+        if not callable(fn):
+            raise InvalidInput(f"fn must be callable, got {type(fn).__name__}")
+        if rank_args is not None and (len(rank_args) != self.world_size
+                                      or not all(isinstance(a, tuple) for a in rank_args)):
+            raise InvalidInput(f"rank_args must be {self.world_size} tuples (one per party), got {rank_args!r:.200}")
+        self.start()
+        t0 = time.perf_counter()
+        try:
+            for rank in range(self.world_size):
+                own = tuple(rank_args[rank]) if rank_args is not None else ()
+                try:
+                    payload = pickle.dumps(("job", fn, tuple(args) + own), protocol=pickle.HIGHEST_PROTOCOL)
+                except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                    raise InvalidInput(f"fn and args must be picklable (a module-level function and plain data) "
+                                       f"to reach a party process: {exc}") from exc
+                self.conns[rank].send_bytes(payload)
+            results = self._collect(range(self.world_size), "job", deadline=self.deadline)
+        except BaseException:
+            self.close()  # a failed or interrupted job leaves the parties in an unknown state
+            raise
+        self.jobs += 1
+        return RunResult([results[r] for r in range(self.world_size)], provider=self.provider,
+                         world_size=self.world_size, roles=self.names, seconds=time.perf_counter() - t0)
+
+    def _collect(self, ranks: Any, what: str, deadline: float | None) -> dict[int, Any]:
+        """Every rank's answer; PartyFailure naming the culprit on an error, a death or the deadline."""
+        ranks = list(ranks)
+        results: dict[int, Any] = {}
+        failures: dict[int, dict] = {}
+        pending = set(ranks)
+        first_failure = None
+        end = None if deadline is None else time.monotonic() + deadline
+        while pending:
+            waitables = [self.conns[r] for r in pending] + [self.procs[r].sentinel for r in pending]
+            multiprocessing.connection.wait(waitables, timeout=_POLL_S)
+            for rank in sorted(pending):
+                message = _read_report(self.procs[rank], self.conns[rank])
+                if message is None:
+                    continue
+                pending.discard(rank)
+                kind, payload = message
+                if kind == "ok":
+                    results[rank] = payload
+                else:
+                    failures[rank] = payload
+            now = time.monotonic()
+            if failures and first_failure is None:
+                first_failure = now
+            if first_failure is not None and now - first_failure > min(_GRACE_S, self.timeout):
+                break
+            if end is not None and now > end and not failures:
+                late = sorted(pending)
+                err = PartyFailure(f"privml: the MPC {what} did not finish within its deadline of {deadline:g} s: "
+                                   f"part{'y' if len(late) == 1 else 'ies'} {', '.join(map(str, late))} "
+                                   f"({', '.join(self.names[r] if r < len(self.names) else TTP_ROLE for r in late)}) "
+                                   "never answered; the pool was torn down")
+                err.rank, err.role, err.failures = late[0], self.names[late[0]] if late[0] < len(self.names) \
+                    else TTP_ROLE, {}
+                raise err
+        if failures:
+            names = self.names + ([TTP_ROLE] if self.ttp else [])
+            silent = [r for r in ranks if r not in results and r not in failures]
+            raise _failure_error(failures, silent, names, self.timeout)
+        return results
+
+    def close(self) -> None:
+        """Stop every party (politely, then by signal) and reap them; safe to call twice."""
+        if not self.procs:
+            return
+        for proc, conn in zip(self.procs, self.conns, strict=True):
+            if proc.is_alive():
+                with contextlib.suppress(Exception):
+                    _send(conn, ("stop",))
+        _stop_all(self.procs, wait=2.0)
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self.procs, self.conns, self._finalizer = [], [], None
+
+    def __enter__(self) -> PartyPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
