@@ -339,6 +339,8 @@ class MPCSessionConfig(SessionConfig):
     output_party: int | None = option(None, "rank of the only party learning the output (None: the data party)",
                                       min=0)
     timeout: float = option(120.0, "seconds to wait on another party before PartyFailure", min=0)
+    deadline: float | None = option(None, "seconds one whole call may take before PartyFailure (catches parties "
+                                    "stuck in local work; None: no overall limit)", min=0)
     ttp: bool = option(False, "Beaver triples from a separate dealer process instead of party 0 (TFP)")
     dealer: str = option("tfp", "who deals Beaver triples: tfp (party 0; not secure), ttp (a separate unattested "
                          "process; same as ttp=True), enclave (the attested enclave given as enclave=...)",

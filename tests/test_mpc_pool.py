@@ -124,3 +124,32 @@ def test_pool_arguments_are_checked() -> None:
         PartyPool(2, deadline=0)
     with pytest.raises(InvalidInput, match="rank_args"):
         PartyPool(2).run(_rank_times_ten, (1,), rank_args=[(1,)])
+
+
+def test_run_parties_has_an_overall_deadline() -> None:
+    from privml.parties.launcher import run_parties
+
+    t0 = time.monotonic()
+    with pytest.raises(PartyFailure, match="deadline of 20 s"):
+        run_parties(_sleep_in, 2, ((0, 1), 120.0), timeout=10, deadline=20)  # every party stuck in local work
+    assert time.monotonic() - t0 < 35
+
+
+def test_a_launcher_killed_while_its_parties_start_leaves_none_behind(tmp_path) -> None:
+    script = tmp_path / "early.py"
+    script.write_text("from privml.parties.pool import PartyPool\n\nif __name__ == '__main__':\n"
+                      "    PartyPool(2).start()\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT)
+    try:
+        children: list[int] = []
+        end = time.monotonic() + 60
+        while len(children) < 2 and time.monotonic() < end:  # the parties are spawned, still importing torch
+            time.sleep(0.05)
+            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                        if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(children) >= 2
+        proc.kill()
+        proc.wait(10)
+        assert _gone(children, within=40)
+    finally:
+        proc.kill()

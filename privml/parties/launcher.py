@@ -246,6 +246,9 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except OSError:
         pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died while this process was still starting up
+        os._exit(1)
 
 
 def _child_main(conn: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple,
@@ -389,7 +392,7 @@ def _failure_error(failures: dict[int, dict], silent: list[int], names: list[str
 def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, timeout: float = 120.0,
                 roles: list[str] | None = None, ttp: bool = False,
                 log_level: int = logging.WARNING, rank_args: list[tuple] | None = None,
-                dealer: Any = None) -> RunResult:
+                dealer: Any = None, deadline: float | None = None) -> RunResult:
     """Run ``fn(ctx, *args)`` in ``world_size`` real party processes and return their results.
 
     ``rank_args`` (one tuple per party) gives each party extra private arguments, appended to
@@ -406,7 +409,13 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     triples (provider "ENCLAVE"); this process verifies its attestation and opens a dealing session
     before any party starts (AttestationError / PartyFailure if the enclave is not the expected one or
     is unreachable), and every party verifies it again before using a triple.
+
+    ``deadline`` (seconds, None: none): the whole run, start-up included, must finish within it, else
+    ``PartyFailure`` naming the parties that never answered (``timeout`` alone cannot see parties that are all
+    stuck in local work, or a data owner's source that blocks).
     """
+    if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
+        raise InvalidInput(f"deadline must be a positive number of seconds or None, got {deadline!r}")
     names = _check_common(world_size, timeout, roles)
     if not callable(fn):
         raise InvalidInput(f"fn must be callable, got {type(fn).__name__}")
@@ -444,7 +453,13 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
             send_end.close()  # the parent keeps only the reading end: EOF once the child is gone
             procs.append(proc)
             conns.append(recv_end)
-        results, failures = _collect(procs, conns, timeout)
+        results, failures = _collect(procs, conns, timeout, None if deadline is None else start + deadline)
+        late = [r for r in range(n_procs) if r not in results and r not in failures]
+        if deadline is not None and not failures and late:
+            err = PartyFailure(f"privml: the MPC run did not finish within its deadline of {deadline:g} s: "
+                               + ", ".join(f"party {r} ({all_names[r]})" for r in late) + " never answered")
+            err.rank, err.role, err.failures = late[0], all_names[late[0]], {}
+            raise err
         if failures:
             silent = [r for r in range(n_procs) if r not in results and r not in failures]
             raise _failure_error(failures, silent, all_names, timeout)
@@ -459,8 +474,10 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
                      world_size=world_size, roles=names, seconds=seconds)
 
 
-def _collect(procs: list, conns: list, timeout: float) -> tuple[dict[int, Any], dict[int, dict]]:
-    """Read every party's report; stop listening shortly after the first failure."""
+def _collect(procs: list, conns: list, timeout: float,
+             until: float | None = None) -> tuple[dict[int, Any], dict[int, dict]]:
+    """Read every party's report; stop listening shortly after the first failure, or at ``until``
+    (a ``time.perf_counter()`` instant)."""
     results: dict[int, Any] = {}
     failures: dict[int, dict] = {}
     pending = set(range(len(procs)))
@@ -482,6 +499,8 @@ def _collect(procs: list, conns: list, timeout: float) -> tuple[dict[int, Any], 
         if failures and first_failure is None:
             first_failure = time.monotonic()
         if first_failure is not None and time.monotonic() - first_failure > grace:
+            break
+        if until is not None and time.perf_counter() > until:
             break
     return results, failures
 

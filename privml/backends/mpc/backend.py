@@ -58,14 +58,16 @@ class MPCBackend:
     Beaver triples instead of letting party 0 make them; ``dealer="enclave"`` with ``enclave=`` (a
     :class:`privml.parties.dealer.EnclaveDealer` or a launched enclave) takes them from the attested
     enclave (provider "ENCLAVE"). ``timeout`` bounds every wait on another
-    party (a dead or silent party raises ``PartyFailure``).
+    party (a dead or silent party raises ``PartyFailure``); ``deadline`` bounds a whole call (parties stuck in
+    local work, which no per-wait timeout sees).
     """
 
     name = "mpc"
 
     def __init__(self, plan: Any = None, parties: int = 2, data_party: int = 0, weight_party: int | None = 1,
                  output_party: int | None = None, timeout: float = 120.0, ttp: bool = False,
-                 range_margin: float = 2.0, dealer: str = "tfp", enclave: Any = None) -> None:
+                 range_margin: float = 2.0, dealer: str = "tfp", enclave: Any = None,
+                 deadline: float | None = None) -> None:
         if not isinstance(parties, int) or parties < 2:
             raise InvalidInput(f"privml: the mpc backend needs parties >= 2, got {parties!r}")
         for what, r in (("data_party", data_party), ("weight_party", weight_party), ("output_party", output_party)):
@@ -77,6 +79,7 @@ class MPCBackend:
         self.weight_party = weight_party
         self.output_party = data_party if output_party is None else output_party
         self.timeout = float(timeout)
+        self.deadline = deadline
         self.ttp = bool(ttp) or dealer == "ttp"
         # the attested enclave as dealer of Beaver triples (privml.parties.dealer); None: TFP or TTP
         self.enclave_dealer = None
@@ -99,7 +102,7 @@ class MPCBackend:
 
         if self.pool is None:
             self.pool = PartyPool(self.parties, timeout=self.timeout, roles=self.roles, ttp=self.ttp,
-                                  dealer=self.enclave_dealer)
+                                  dealer=self.enclave_dealer, deadline=self.deadline)
         self.pool.start()
 
     def close(self) -> None:

@@ -141,7 +141,8 @@ class Program:
             results = pool.run(replay_party, (skeleton,), rank_args=rank_args)
         else:
             results = run_parties(replay_party, b.parties, (skeleton,), timeout=b.timeout, ttp=b.ttp,
-                                  roles=b.roles, rank_args=rank_args, dealer=getattr(b, "enclave_dealer", None))
+                                  roles=b.roles, rank_args=rank_args, dealer=getattr(b, "enclave_dealer", None),
+                                  deadline=getattr(b, "deadline", None))
         reader = b.output_party if b.output_party is not None else 0
         value = results[reader]["output"]
         self.costs = combine_summaries([r["costs"] for r in results])
