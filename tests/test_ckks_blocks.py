@@ -68,7 +68,7 @@ def test_hybrid_residual_block_with_stride_spanning_ciphertexts_matches_torch() 
     assert torch.allclose(y, ref, atol=tol), (y - ref).abs().max()
 
 
-@pytest.mark.parametrize("shape", [(5, 30, 30), (9, 20, 28)])
+@pytest.mark.parametrize("shape", [(5, 30, 30), pytest.param((9, 20, 28), marks=pytest.mark.slow)])
 def test_non_power_of_two_feature_maps_span_ciphertexts(shape: tuple[int, int, int]) -> None:
     torch.manual_seed(2)
     c = shape[0]

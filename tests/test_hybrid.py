@@ -217,7 +217,7 @@ def test_polynomial_relu_with_pure_refreshes_matches_the_approximated_model():
     assert (y - compiled(x[:1])).abs().max() <= hy["output_error_bound"]
 
 
-@pytest.mark.parametrize("which", ["lenet5", "smallresnet"])
+@pytest.mark.parametrize("which", [pytest.param("lenet5", marks=pytest.mark.slow), "smallresnet"])
 def test_deep_relu_models_run_at_n_16384_and_match_the_clear_model(which):
     # SmallResNet on 8x8 digits: on digits28 its 8x28x28 maps need 12,544 slots per sample, more than one
     # N=16384 ciphertext holds (samples spanning several ciphertexts are future work)
