@@ -52,6 +52,31 @@ def test_partial_batch_packs_features_together_and_matches_one_feature_per_ciphe
     assert torch.allclose(y, ref, atol=1e-3) and torch.allclose(y1, ref, atol=1e-3)
 
 
+def test_lanes_on_maps_larger_than_a_ciphertext_use_polyphase_planes_and_match_torch() -> None:
+    """256 lanes leave 16 features per ciphertext: the 8x8 maps go into 2x2 polyphase planes of 4x4, the
+    first pooling becomes ciphertext additions inside the next convolution, and the result equals torch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(64, 10)).eval()
+    calib = torch.rand(256, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = privml.compile(model, calib, backend="ckks", layout="throughput", degree=2, batch_size=200,
+                           poly_modulus_degree=8192)
+    assert c.plan.params["lanes"] == 256
+    x = calib[:200]
+    with privml.Session(c.plan) as s:
+        enc = s.encrypt(x)
+        assert enc.packing.kind == "phase" and enc.packing.grid[3] == 2 and len(enc.payload) == 4
+        s.backend.ctx.reset_stats()
+        y = s.decrypt(c(enc))
+        mults = s.backend.ctx.stats["ct_pt_mults"]
+    # conv1: 16 planes x 9 taps; pool+conv2+linear: 4 channels x 16 diagonals (not x 4 pooled cells)
+    assert mults <= 16 * 9 + 4 * 16
+    ref = c(x)
+    assert torch.allclose(y, ref, atol=1e-3 * float(ref.abs().max()) + 1e-3), (y - ref).abs().max()
+
+
 def test_a_request_packed_for_other_lanes_is_refused() -> None:
     packed, calib = _compile("throughput", batch_size=40)
     with privml.Session(packed.plan) as s:

@@ -195,13 +195,12 @@ class Runtime:
     def input_packing(self, shape: tuple[int, ...]) -> Packing:
         """How a freshly encrypted batch of ``shape`` is packed."""
         sample = tuple(shape[1:])
-        n = int(np.prod(sample)) if sample else 1
         if self.layout == "throughput":
             if shape[0] > self.width:
                 raise InvalidInput(f"privml: batch of {shape[0]} exceeds the {self.width} slots per feature (lanes) "
                                    "of this throughput plan: split it into chunks, or compile with batch_size= at "
                                    "least the batch")
-            return packings.dense(n, self.slots, width=self.width)
+            return packings.for_shape(sample, self.slots, width=self.width)
         if self.expansion is not None:
             return packings.dense(int(self.expansion.index.size), self.slots)
         return packings.for_shape(sample, self.slots)

@@ -282,6 +282,7 @@ class BlockMatVec:
             raise InvalidInput("summed duplicate values overflow to inf")
         keep = val != 0.0
         key, self._val = key[first[keep]], val[keep]
+        key, self._val, self._groups = self._merge_equal_inputs(key, self._val)
         rest, ol = np.divmod(key, self.per_ct)
         self._slot = (ol * self.width).astype(np.int32)  # first output slot of each entry
         blk, dm = np.divmod(rest, self.slots)
@@ -329,6 +330,38 @@ class BlockMatVec:
         if self.bias is not None:
             n_bias = int(np.count_nonzero(np.any(self.bias.reshape(self.n_out_cts, self.per_ct) != 0.0, axis=1)))
         self.plaintext_count = self.diagonal_count + n_bias
+
+    def _merge_equal_inputs(self, key: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Input ciphertexts whose block diagonals are all equal are added first and read once.
+
+        sum_a diag_a * rot(x_a) = diag * rot(sum_a x_a) when every diag_a is the same: a pooling fused into
+        the next map (phase packing: the pooled cells sit in different ciphertexts at equal positions) then
+        costs ciphertext additions instead of one product and baby rotations per cell. Returns the entries
+        of the group representatives and {representative: [members]} for groups of two or more."""
+        rest, ol = np.divmod(key, self.per_ct)
+        blk, dm = np.divmod(rest, self.slots)
+        oc, ic = np.divmod(blk, self.n_in_cts)
+        if key.size == 0 or self.n_in_cts == 1:
+            return key, val, {}
+        # entries are sorted by (oc, ic, dm, ol): per input ct, (oc, dm, ol) come out in one canonical order
+        order = np.argsort(ic, kind="stable")
+        starts = np.searchsorted(ic[order], np.arange(self.n_in_cts + 1))
+        reps: dict[bytes, int] = {}
+        groups: dict[int, list[int]] = {}
+        for a in range(self.n_in_cts):
+            sel = order[starts[a]:starts[a + 1]]
+            if sel.size == 0:
+                continue
+            sig = b"".join(x[sel].tobytes() for x in (oc, dm, ol, val))
+            groups.setdefault(reps.setdefault(sig, a), []).append(a)
+        groups = {r: m for r, m in groups.items() if len(m) > 1}
+        if not groups:
+            return key, val, {}
+        drop = np.zeros(self.n_in_cts, dtype=bool)
+        for members in groups.values():
+            drop[members[1:]] = True
+        keep = ~drop[ic]
+        return key[keep], val[keep], groups
 
     @classmethod
     def from_dense(
@@ -383,8 +416,8 @@ class BlockMatVec:
             chain = max((max(s, default=0) for s in self._babies.values()), default=0)
             giants = max((max(max(t), 0) - min(min(t), 0) for t in self._terms.values()), default=0)
         per_out: dict[int, int] = {}
-        for c, _, _ in self._bounds:
-            per_out[c] = per_out.get(c, 0) + 1
+        for c, a, _ in self._bounds:  # a merged input is a sum of its members' ciphertexts
+            per_out[c] = per_out.get(c, 0) + len(self._groups.get(a, (a,)))
         return chain, giants, max(per_out.values(), default=0)
 
     def rotation_uses(self) -> dict[int, int]:
@@ -454,7 +487,10 @@ class BlockMatVec:
         ctx.check_product_scale(prod, lvl, "BlockMatVec.apply")
         baby, pscale = {}, {}
         for a in self._babies:
-            ct = cts[a] if levels[a] == lvl else ctx.to_canonical(cts[a], lvl)
+            members = [cts[m] if levels[m] == lvl else ctx.to_canonical(cts[m], lvl) for m in self._groups.get(a, (a,))]
+            ct = members[0]
+            for other in members[1:]:
+                ct = ctx.add(ct, other)
             pscale[a] = prod / ct.scale
             baby[a] = self._babies_of(ctx, a, ct)
         tmp = seal.Ciphertext()
