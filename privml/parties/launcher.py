@@ -474,13 +474,13 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
                      world_size=world_size, roles=names, seconds=seconds)
 
 
-def _collect(procs: list, conns: list, timeout: float,
-             until: float | None = None) -> tuple[dict[int, Any], dict[int, dict]]:
-    """Read every party's report; stop listening shortly after the first failure, or at ``until``
-    (a ``time.perf_counter()`` instant)."""
+def _collect(procs: list, conns: list, timeout: float, until: float | None = None,
+             ranks: Any = None) -> tuple[dict[int, Any], dict[int, dict]]:
+    """Read the reports of ``ranks`` (default: every party); stop listening shortly after the first
+    failure, or at ``until`` (a ``time.perf_counter()`` instant). Ranks in neither dict never answered."""
     results: dict[int, Any] = {}
     failures: dict[int, dict] = {}
-    pending = set(range(len(procs)))
+    pending = set(range(len(procs)) if ranks is None else ranks)
     first_failure = None
     grace = min(_MAX_GRACE_S, timeout)
     while pending:

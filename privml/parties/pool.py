@@ -34,19 +34,16 @@ from privml.parties.launcher import (
     RunResult,
     _check_common,
     _check_crypten_installed,
+    _collect,
     _die_with_parent,
     _dist_timeout,
     _failure_error,
     _free_port,
     _is_comm_error,
     _party_logger,
-    _read_report,
     _stop_all,
     check_main_guard,
 )
-
-_POLL_S = 0.2
-_GRACE_S = 2.0  # after a failure, how long to keep listening for the root cause
 
 
 def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
@@ -204,38 +201,17 @@ class PartyPool:
     def _collect(self, ranks: Any, what: str, deadline: float | None) -> dict[int, Any]:
         """Every rank's answer; PartyFailure naming the culprit on an error, a death or the deadline."""
         ranks = list(ranks)
-        results: dict[int, Any] = {}
-        failures: dict[int, dict] = {}
-        pending = set(ranks)
-        first_failure = None
-        end = None if deadline is None else time.monotonic() + deadline
-        while pending:
-            waitables = [self.conns[r] for r in pending] + [self.procs[r].sentinel for r in pending]
-            multiprocessing.connection.wait(waitables, timeout=_POLL_S)
-            for rank in sorted(pending):
-                message = _read_report(self.procs[rank], self.conns[rank])
-                if message is None:
-                    continue
-                pending.discard(rank)
-                kind, payload = message
-                if kind == "ok":
-                    results[rank] = payload
-                else:
-                    failures[rank] = payload
-            now = time.monotonic()
-            if failures and first_failure is None:
-                first_failure = now
-            if first_failure is not None and now - first_failure > min(_GRACE_S, self.timeout):
-                break
-            if end is not None and now > end and not failures:
-                late = sorted(pending)
-                err = PartyFailure(f"privml: the MPC {what} did not finish within its deadline of {deadline:g} s: "
-                                   f"part{'y' if len(late) == 1 else 'ies'} {', '.join(map(str, late))} "
-                                   f"({', '.join(self.names[r] if r < len(self.names) else TTP_ROLE for r in late)}) "
-                                   "never answered; the pool was torn down")
-                err.rank, err.role, err.failures = late[0], self.names[late[0]] if late[0] < len(self.names) \
-                    else TTP_ROLE, {}
-                raise err
+        until = None if deadline is None else time.perf_counter() + deadline
+        results, failures = _collect(self.procs, self.conns, self.timeout, until, ranks)
+        late = sorted(r for r in ranks if r not in results and r not in failures)
+        if late and not failures:
+            err = PartyFailure(f"privml: the MPC {what} did not finish within its deadline of {deadline:g} s: "
+                               f"part{'y' if len(late) == 1 else 'ies'} {', '.join(map(str, late))} "
+                               f"({', '.join(self.names[r] if r < len(self.names) else TTP_ROLE for r in late)}) "
+                               "never answered; the pool was torn down")
+            err.rank, err.role, err.failures = late[0], self.names[late[0]] if late[0] < len(self.names) \
+                else TTP_ROLE, {}
+            raise err
         if failures:
             names = self.names + ([TTP_ROLE] if self.ttp else [])
             silent = [r for r in ranks if r not in results and r not in failures]
