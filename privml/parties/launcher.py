@@ -264,16 +264,21 @@ def _child_main(conn: multiprocessing.connection.Connection, fn: Callable[..., A
         conn.send_bytes(pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL))
         conn.close()
     except BaseException as exc:  # noqa: B036 - report everything, including KeyboardInterrupt
-        info = {"type": type(exc).__name__, "message": str(exc), "comm": _is_comm_error(exc),
-                "traceback": traceback.format_exc()}
+        _report_error(conn, exc)
+
+
+def _report_error(conn: multiprocessing.connection.Connection, exc: BaseException) -> None:
+    """A party's last act on failure: send ("error", info) to the launcher and exit at once."""
+    info = {"type": type(exc).__name__, "message": str(exc), "comm": _is_comm_error(exc),
+            "traceback": traceback.format_exc()}
+    with contextlib.suppress(Exception):
+        conn.send_bytes(pickle.dumps(("error", info)))
+        conn.close()
+    # Skip interpreter teardown: a half-open process group can block it.
+    for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
-            conn.send_bytes(pickle.dumps(("error", info)))
-            conn.close()
-        # Skip interpreter teardown: a half-open process group can block it.
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(1)
+            stream.flush()
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -318,11 +323,18 @@ def _check_crypten_installed() -> None:
         raise BackendUnavailable(f"cannot find 'crypten'. {INSTALL_HINT}")
 
 
-def _check_common(world_size: Any, timeout: Any, roles: list[str] | None) -> list[str]:
+def _check_common(world_size: Any, timeout: Any, roles: list[str] | None, deadline: Any = None,
+                  ttp: bool = False, dealer: Any = None) -> list[str]:
+    """The arguments ``run_parties`` and ``PartyPool`` share, checked; returns the role names."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise InvalidInput(f"world_size must be an int >= 1, got {world_size!r}")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidInput(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
+        raise InvalidInput(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+    if dealer is not None and ttp:
+        raise InvalidInput("choose one dealer of Beaver triples: ttp=True (CrypTen's dealer process) or "
+                           "dealer=EnclaveDealer(...) (the attested enclave), not both")
     if roles is None:
         return [f"party{r}" for r in range(world_size)]
     roles = list(roles)
@@ -414,9 +426,7 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
     ``PartyFailure`` naming the parties that never answered (``timeout`` alone cannot see parties that are all
     stuck in local work, or a data owner's source that blocks).
     """
-    if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
-        raise InvalidInput(f"deadline must be a positive number of seconds or None, got {deadline!r}")
-    names = _check_common(world_size, timeout, roles)
+    names = _check_common(world_size, timeout, roles, deadline, ttp, dealer)
     if not callable(fn):
         raise InvalidInput(f"fn must be callable, got {type(fn).__name__}")
     _check_crypten_installed()
@@ -425,9 +435,6 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
         raise InvalidInput(f"rank_args must be {world_size} tuples (one per party), got {rank_args!r:.200}")
     deal = None
     if dealer is not None:
-        if ttp:
-            raise InvalidInput("choose one dealer of Beaver triples: ttp=True (CrypTen's dealer process) or "
-                               "dealer=EnclaveDealer(...) (the attested enclave), not both")
         from privml.parties.dealer import EnclaveDealer
 
         deal = EnclaveDealer.coerce(dealer).open_session(world_size, timeout=float(timeout))
@@ -454,15 +461,7 @@ def run_parties(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ti
             procs.append(proc)
             conns.append(recv_end)
         results, failures = _collect(procs, conns, timeout, None if deadline is None else start + deadline)
-        late = [r for r in range(n_procs) if r not in results and r not in failures]
-        if deadline is not None and not failures and late:
-            err = PartyFailure(f"privml: the MPC run did not finish within its deadline of {deadline:g} s: "
-                               + ", ".join(f"party {r} ({all_names[r]})" for r in late) + " never answered")
-            err.rank, err.role, err.failures = late[0], all_names[late[0]], {}
-            raise err
-        if failures:
-            silent = [r for r in range(n_procs) if r not in results and r not in failures]
-            raise _failure_error(failures, silent, all_names, timeout)
+        _raise_unfinished(range(n_procs), results, failures, all_names, timeout, deadline, "run")
         _stop_all(procs, wait=_EXIT_GRACE_S)
     finally:
         _stop_all(procs)
@@ -503,6 +502,20 @@ def _collect(procs: list, conns: list, timeout: float, until: float | None = Non
         if until is not None and time.perf_counter() > until:
             break
     return results, failures
+
+
+def _raise_unfinished(ranks: Any, results: dict[int, Any], failures: dict[int, dict], names: list[str],
+                      timeout: float, deadline: float | None, what: str, after: str = "") -> None:
+    """PartyFailure for what :func:`_collect` left undone: the parties' failures, or (none failed) the ranks
+    that never answered within ``deadline``. Returns when every rank answered."""
+    late = [r for r in ranks if r not in results and r not in failures]
+    if failures:
+        raise _failure_error(failures, late, names, timeout)
+    if late:
+        err = PartyFailure(f"privml: the MPC {what} did not finish within its deadline of {deadline:g} s: "
+                           + ", ".join(f"party {r} ({names[r]})" for r in late) + " never answered" + after)
+        err.rank, err.role, err.failures = late[0], names[late[0]], {}
+        raise err
 
 
 def _read_report(proc: Any, conn: Any) -> tuple[str, Any] | None:

@@ -18,14 +18,12 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import sys
 import time
-import traceback
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from privml.errors import InvalidInput, PartyFailure
+from privml.errors import InvalidInput
 from privml.parties.compat import import_crypten
 from privml.parties.launcher import (
     _DEALER_IDLE_S,
@@ -37,10 +35,10 @@ from privml.parties.launcher import (
     _collect,
     _die_with_parent,
     _dist_timeout,
-    _failure_error,
     _free_port,
-    _is_comm_error,
     _party_logger,
+    _raise_unfinished,
+    _report_error,
     _stop_all,
     check_main_guard,
 )
@@ -48,18 +46,6 @@ from privml.parties.launcher import (
 
 def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _report_error(conn: multiprocessing.connection.Connection, exc: BaseException) -> None:
-    info = {"type": type(exc).__name__, "message": str(exc), "comm": _is_comm_error(exc),
-            "traceback": traceback.format_exc()}
-    with contextlib.suppress(Exception):
-        _send(conn, ("error", info))
-        conn.close()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(1)  # skip interpreter teardown: a half-open process group can block it
 
 
 def _pool_party(conn: multiprocessing.connection.Connection, rank: int, world_size: int, roles: list[str],
@@ -113,11 +99,7 @@ class PartyPool:
     def __init__(self, world_size: int, *, timeout: float = 120.0, roles: list[str] | None = None,
                  ttp: bool = False, dealer: Any = None, log_level: int = logging.WARNING,
                  deadline: float | None = None) -> None:
-        self.names = _check_common(world_size, timeout, roles)
-        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
-            raise InvalidInput(f"deadline must be a positive number of seconds or None, got {deadline!r}")
-        if dealer is not None and ttp:
-            raise InvalidInput("choose one dealer of Beaver triples: ttp=True or dealer=EnclaveDealer(...), not both")
+        self.names = _check_common(world_size, timeout, roles, deadline, ttp, dealer)
         self.world_size, self.timeout, self.ttp, self.dealer = world_size, float(timeout), ttp, dealer
         self.log_level, self.deadline = log_level, deadline
         self.procs: list[Any] = []
@@ -203,19 +185,8 @@ class PartyPool:
         ranks = list(ranks)
         until = None if deadline is None else time.perf_counter() + deadline
         results, failures = _collect(self.procs, self.conns, self.timeout, until, ranks)
-        late = sorted(r for r in ranks if r not in results and r not in failures)
-        if late and not failures:
-            err = PartyFailure(f"privml: the MPC {what} did not finish within its deadline of {deadline:g} s: "
-                               f"part{'y' if len(late) == 1 else 'ies'} {', '.join(map(str, late))} "
-                               f"({', '.join(self.names[r] if r < len(self.names) else TTP_ROLE for r in late)}) "
-                               "never answered; the pool was torn down")
-            err.rank, err.role, err.failures = late[0], self.names[late[0]] if late[0] < len(self.names) \
-                else TTP_ROLE, {}
-            raise err
-        if failures:
-            names = self.names + ([TTP_ROLE] if self.ttp else [])
-            silent = [r for r in ranks if r not in results and r not in failures]
-            raise _failure_error(failures, silent, names, self.timeout)
+        _raise_unfinished(ranks, results, failures, self.names + ([TTP_ROLE] if self.ttp else []), self.timeout,
+                          deadline, what, "; the pool was torn down")
         return results
 
     def close(self) -> None:
