@@ -338,11 +338,11 @@ class BlockMatVec:
         the next map (phase packing: the pooled cells sit in different ciphertexts at equal positions) then
         costs ciphertext additions instead of one product and baby rotations per cell. Returns the entries
         of the group representatives and {representative: [members]} for groups of two or more."""
+        if key.size == 0 or self.n_in_cts == 1:
+            return key, val, {}
         rest, ol = np.divmod(key, self.per_ct)
         blk, dm = np.divmod(rest, self.slots)
         oc, ic = np.divmod(blk, self.n_in_cts)
-        if key.size == 0 or self.n_in_cts == 1:
-            return key, val, {}
         # entries are sorted by (oc, ic, dm, ol): per input ct, (oc, dm, ol) come out in one canonical order
         order = np.argsort(ic, kind="stable")
         starts = np.searchsorted(ic[order], np.arange(self.n_in_cts + 1))
