@@ -15,6 +15,7 @@ import json
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ def add_config_flags(parser: argparse.ArgumentParser, classes: Any) -> None:
     from privml.config import BACKENDS, cli_fields
 
     for f, hint, backends in cli_fields(classes):
-        only = "" if set(backends) >= set(BACKENDS) else f" [{', '.join(backends)}]"
+        only = "" if set(backends) >= set(BACKENDS) or not set(backends) & set(BACKENDS) else \
+            f" [{', '.join(backends)}]"
         text = f"{f.metadata['help']}{only}" + ("" if f.default is None else f" (default: {f.default})")
         flag = "--" + f.name.replace("_", "-")
         if hint is bool:
@@ -257,6 +259,21 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from privml.bundle import load_server
+    from privml.config import ServeConfig
+    from privml.serve import serve
+
+    verify_key = None
+    if args.verify_key:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        verify_key = load_pem_public_key(Path(args.verify_key).read_bytes())
+    compiled = load_server(args.bundle, verify_key=verify_key)
+    serve(compiled, ServeConfig.from_options(**_given(args, [ServeConfig])))
+    return 0
+
+
 def cmd_fit(argv: list[str]) -> int:
     from privml.train import cli_main
 
@@ -303,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
             _eval_flags(p)
         p.add_argument("--allow-module", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
 
+    sv = sub.add_parser("serve", help="serve a saved CKKS/hybrid server bundle over HTTP(S) (privml.save)")
+    sv.add_argument("bundle", help="the server bundle directory (or the directory given to privml.save)")
+    from privml.config import ServeConfig
+
+    add_config_flags(sv, [ServeConfig])
+    sv.add_argument("--verify-key", help="PEM Ed25519 public key the bundle's manifest must be signed with")
+
     d = sub.add_parser("demo", help="the main job: train digits, compile, evaluate privately, print a report")
     d.add_argument("--eval-config", default="configs/eval/digits_compare.yaml",
                    help="the comparison the demo runs (model, backends and their options)")
@@ -322,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fit"]:
         return cmd_fit(argv[1:])
     args = build_parser().parse_args(argv)
-    handlers = {"validate": cmd_validate, "compile": cmd_compile, "eval": cmd_eval, "demo": cmd_demo}
+    handlers = {"validate": cmd_validate, "compile": cmd_compile, "eval": cmd_eval, "demo": cmd_demo,
+                "serve": cmd_serve}
     from privml.errors import PrivmlError
 
     try:

@@ -387,6 +387,29 @@ class HybridSessionConfig(SessionConfig):
                                             "(flooding='release') instead of every refresh")
 
 
+@dataclass(frozen=True)
+class ServeConfig(_Config):
+    """Options of the inference service (``privml serve``, :mod:`privml.serve`)."""
+
+    backend: ClassVar[str] = "serve"
+
+    host: str = option("127.0.0.1", "address to listen on (anything but loopback needs TLS or --insecure-http)")
+    port: int = option(8443, "TCP port (0: any free one; the bound port is logged)", min=0, max=65535)
+    tls_cert: str | None = option(None, "PEM certificate chain: serve HTTPS (clients pin it or its CA)")
+    tls_key: str | None = option(None, "PEM private key of --tls-cert")
+    insecure_http: bool = option(False, "allow plain HTTP on a non-loopback address (ciphertexts and keys then "
+                                 "cross the network without integrity)")
+    max_upload_mb: float = option(2048.0, "largest evaluation-key upload (MB)", min=0)
+    max_request_mb: float = option(512.0, "largest inference request (MB)", min=0)
+    max_clients: int = option(8, "evaluation-key sets kept in memory; the least recently used is dropped beyond "
+                              "it (its client uploads again)", min=1)
+    concurrency: int = option(1, "requests evaluated at once (each in its own thread; one client's requests run "
+                              "one at a time)", min=1)
+    queue: int = option(16, "requests waiting for a slot beyond which new ones get 503", min=0)
+    timeout: float = option(600.0, "seconds a request may wait and run before 504", min=0)
+    read_timeout: float = option(60.0, "seconds a client may take to send its body before 408", min=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the backends: the one declaration
 

@@ -93,8 +93,20 @@ class MalformedInput(PrivmlError, ValueError):
     """Serialized bytes are truncated, tampered with, or of an unknown version."""
 
 
+class BundleError(MalformedInput):
+    """A saved bundle is incomplete, tampered with, signed by another key or made for other versions or plans."""
+
+
 class AuditLogError(MalformedInput):
     """An enclave audit log fails verification: an entry was edited, dropped, reordered or forged."""
+
+
+class ServiceError(PrivmlError):
+    """The inference service refused or failed a request; ``status`` is its HTTP status (0: unreachable)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class BackendUnavailable(PrivmlError, ImportError):

@@ -8,7 +8,9 @@ against the calibrated input range before encrypting and every decrypted sample 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,7 +58,7 @@ class Session:
     """
 
     def __init__(self, plan: Plan, range_slack: Any = _UNSET, *, config: SessionConfig | None = None,
-                 **options: Any) -> None:
+                 keys: Any = None, **options: Any) -> None:
         if not isinstance(plan, Plan):
             raise InvalidInput(f"privml: Session needs a Plan (compiled.plan), got {type(plan).__name__}")
         if range_slack is not _UNSET:  # positional, as before the typed configurations
@@ -70,9 +72,46 @@ class Session:
         self.range_slack = self.config.range_slack
         self.last_out_of_range: list[int] = []
         cache = self._memory_budget(plan)
-        self.backend = load_backend(plan.backend).make_backend(plan, **self.config.backend_options())
+        backend_options = self.config.backend_options()
+        if keys is not None:  # a CKKSContext with its secret key (Session.from_keys)
+            if plan.backend != "ckks":
+                raise InvalidInput(f"privml: saved keys are for CKKS sessions; a {plan.backend} session makes its "
+                                   "own (hybrid keys are provisioned to the enclave afresh for every session)")
+            backend_options["context"] = keys
+        self.backend = load_backend(plan.backend).make_backend(plan, **backend_options)
         if cache is not None:
             self.backend.ctx.cache_bytes = cache
+
+    @classmethod
+    def from_keys(cls, plan: Plan, path: str | Path, *, password: str | bytes | None = None,
+                  key_file: str | Path | None = None, **options: Any) -> Session:
+        """A CKKS session on the keys :meth:`save_keys` sealed at ``path`` (same password or key file): a client
+        that restarts keeps its keys, so a server holding its evaluation keys need not get them again."""
+        from privml import keystore
+        from privml.he.serialize import load_context
+
+        blob = Path(path).read_bytes()
+        data = keystore.unseal(blob, password=password, key_file=key_file)
+        allow = bool(options.get("allow_insecure", False))
+        return cls(plan, keys=load_context(data, allow_insecure=allow), **options)
+
+    def save_keys(self, path: str | Path, *, password: str | bytes | None = None,
+                  key_file: str | Path | None = None) -> Path:
+        """Write this CKKS session's keys (secret key included) to ``path``, sealed: AES-256-GCM under a key
+        derived from ``password`` (scrypt) or ``key_file`` (HKDF; :func:`privml.keystore.new_key_file`).
+        The file is created with mode 0600; the secret key is never written in clear."""
+        from privml import keystore
+        from privml.he.serialize import dump_context
+
+        if self.plan.backend != "ckks":
+            raise InvalidInput(f"privml: save_keys is for CKKS sessions, this one is {self.plan.backend}")
+        blob = keystore.seal(dump_context(self.backend.ctx, include_secret=True), password=password,
+                             key_file=key_file)
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        return path
 
     def _memory_budget(self, plan: Plan) -> int | None:
         """Plaintext cache bytes that keep the session within ``memory_limit`` (None: no limit, keep the default).

@@ -736,12 +736,19 @@ class CKKSBackend:
 
     name = "ckks"
 
-    def __init__(self, plan: Any) -> None:
+    def __init__(self, plan: Any, context: Any = None) -> None:
         from privml.he.context import CKKSContext
 
         params, steps, layout = _params_of(plan)
         self.plan = plan
-        self.ctx = CKKSContext.generate(params, steps)
+        if context is not None:  # keys saved by an earlier session (Session.from_keys)
+            missing = sorted({s % params.slots for s in steps} - {s % params.slots for s in context.rotation_steps}
+                             - {0})
+            if context.params != params or not context.has_secret_key or missing:
+                raise KeyMaterialError("privml: the saved keys were made for another plan (" + (
+                    "no secret key" if not context.has_secret_key else "other CKKS parameters"
+                    if context.params != params else f"no Galois keys for rotations {missing[:8]}") + ")")
+        self.ctx = context if context is not None else CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
                                lanes=plan.params.get("lanes"))
@@ -865,9 +872,9 @@ class CKKSServer:
         return dumps(y)
 
 
-def make_backend(plan: Any, **_: Any) -> CKKSBackend:
-    """Backend factory used by ``privml.Session``."""
-    return CKKSBackend(plan)
+def make_backend(plan: Any, context: Any = None, **_: Any) -> CKKSBackend:
+    """Backend factory used by ``privml.Session`` (``context``: saved keys to use instead of fresh ones)."""
+    return CKKSBackend(plan, context)
 
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,

@@ -7,6 +7,7 @@ consumes and the running level; globally, backend parameters and security level.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -111,6 +112,10 @@ class Plan:
         d = asdict(self)
         d["total_depth"] = self.total_depth
         return d
+
+    def sha256(self) -> str:
+        """SHA-256 of the plan's canonical JSON: client and server compare it to know they hold the same plan."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

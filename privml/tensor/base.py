@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -37,18 +38,23 @@ def current_module() -> str | None:
 
 @contextlib.contextmanager
 def module_scope(model: torch.nn.Module) -> Iterator[None]:
-    """Track which submodule of ``model`` is running, so op errors can name it."""
+    """Track which submodule of ``model`` is running, so op errors can name it.
+
+    The hooks act only in the thread that opened the scope: a service running one model for several clients
+    at once opens one scope per thread on the same modules."""
     handles = []
     tokens: list[contextvars.Token] = []
+    owner = threading.get_ident()
 
     def pre(name: str) -> Callable:
         def hook(_mod: torch.nn.Module, _inp: Any) -> None:
-            tokens.append(_module_path.set(_module_path.get() + (name or "<root>",)))
+            if threading.get_ident() == owner:
+                tokens.append(_module_path.set(_module_path.get() + (name or "<root>",)))
 
         return hook
 
     def post(_mod: torch.nn.Module, _inp: Any, _out: Any) -> None:
-        if tokens:
+        if tokens and threading.get_ident() == owner:
             _module_path.reset(tokens.pop())
 
     for name, mod in model.named_modules():
