@@ -1,116 +1,83 @@
-"""CKKS client/server over a local socket: two processes, bytes only between them.
+"""CKKS deployment end to end: saved bundles, `privml serve`, `privml.Client`, bytes only between processes.
 
-The server owns the trained digits CNN and compiles it; it sends the client the
-plan (CKKS parameters and the rotation steps it needs: public information). The
-client generates keys, sends the *public* evaluation context and encrypted images,
-the server evaluates without any secret key and returns encrypted logits, the
-client decrypts.
+1. The model owner compiles the digits CNN once and saves it (`privml.save`): a server bundle (plan,
+   weights, manifest) and a client bundle (plan only, no weights).
+2. The server process is `privml serve BUNDLE/server`: it loads the bundle, checks its hashes and versions and
+   serves; it never recompiles and never holds a secret key.
+3. The client loads the client bundle, generates keys, uploads the public evaluation context once, sends
+   encrypted images, checks and decrypts the answers; it can keep its keys sealed at rest (`--keys`).
 
     python experiments/ckks_client_server.py --images 4 --layout latency
+    python experiments/ckks_client_server.py --keys /tmp/client.keys   # password from PRIVML_KEY_PASSWORD
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import socket
-import struct
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-HOST = "127.0.0.1"
+import privml
+from privml.serve import ServiceProcess
 
 
-def send(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(struct.pack("<Q", len(data)) + data)
-
-
-def recv(sock: socket.socket, limit: int = 1 << 31) -> bytes:
-    head = _exact(sock, 8)
-    (n,) = struct.unpack("<Q", head)
-    if n > limit:
-        raise ValueError(f"message of {n} bytes exceeds the limit")
-    return _exact(sock, n)
-
-
-def _exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(1 << 20, n - len(buf)))
-        if not chunk:
-            raise ConnectionError("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def load_compiled(config: str, layout: str):
-    import privml
+def owner(config: str, layout: str, out: Path) -> tuple[privml.CompiledModel, object, privml.bundle.BundlePaths]:
+    """Train (or load) the model, compile it and save both bundles."""
     from privml.cli import _tensors
     from privml.train import train_or_load
 
     model, dm = train_or_load(config)
     calib, _ = _tensors(dm.train_set, 512)
-    return privml.compile(model, calib, backend="ckks", layout=layout), dm
+    options = {"precision_bits": 6} if layout == "latency" else {"precision_bits": 14}
+    compiled = privml.compile(model, calib, backend="ckks", layout=layout, **options)
+    return compiled, dm, privml.save(compiled, out, overwrite=True)
 
 
-def server(port_queue: mp.Queue, config: str, layout: str) -> None:
-    from privml.backends.ckks import CKKSServer
-
-    compiled, _ = load_compiled(config, layout)
-    with socket.create_server((HOST, 0)) as srv:
-        port_queue.put(srv.getsockname()[1])
-        conn, _ = srv.accept()
-        with conn:
-            send(conn, compiled.plan.to_json().encode())
-            public_context = recv(conn)
-            request = recv(conn)
-            ckks_server = CKKSServer(compiled.plan, public_context)  # refuses a context with a secret key
-            assert not ckks_server.ctx.has_secret_key
-            t = time.perf_counter()
-            response = ckks_server.run(compiled, request)
-            print(f"[server] evaluated on ciphertexts in {time.perf_counter() - t:.2f} s (no secret key held)")
-            send(conn, response)
-
-
-def client(port: int, images: torch.Tensor) -> torch.Tensor:
-    import privml
-
-    with socket.create_connection((HOST, port)) as sock:
-        plan = privml.Plan.from_json(recv(sock).decode())
-        session = privml.Session(plan)
-        context = session.backend.public_context()
-        request = session.backend.dumps(session.encrypt(images))
-        print(f"[client] sending public context ({len(context) / 1e6:.1f} MB) and "
-              f"{len(images)} encrypted images ({len(request) / 1e6:.1f} MB)")
-        send(sock, context)
-        send(sock, request)
-        response = recv(sock)
-        print(f"[client] received {len(response) / 1e6:.2f} MB of encrypted logits")
-        return session.decrypt(session.backend.loads(response))
+def client_session(plan: privml.Plan, keys: str | None) -> privml.Session:
+    """Fresh keys, or the sealed ones at ``keys`` (written on first use)."""
+    if keys is None:
+        return privml.Session(plan)
+    password = os.environ.get("PRIVML_KEY_PASSWORD")
+    if not password:
+        raise SystemExit("set PRIVML_KEY_PASSWORD to seal/open the client keys")
+    if Path(keys).exists():
+        return privml.Session.from_keys(plan, keys, password=password)
+    session = privml.Session(plan)
+    session.save_keys(keys, password=password)
+    return session
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/digits_cnn.yaml")
+    parser.add_argument("--config", default="configs/finetune_digits_cnn.yaml")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--layout", default="latency", choices=("latency", "throughput"))
+    parser.add_argument("--bundle", help="where to save the bundles (default: a temporary directory)")
+    parser.add_argument("--keys", help="seal the client's keys here (reopened on the next run)")
     args = parser.parse_args()
 
-    compiled, dm = load_compiled(args.config, args.layout)  # client side only needs test images
-    from privml.cli import _tensors
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled, dm, paths = owner(args.config, args.layout, Path(args.bundle or tmp) / "digits")
+        print(f"[owner] saved {paths.server} (plan, weights) and {paths.client} (plan only)")
+        from privml.cli import _tensors
 
-    x, y = _tensors(dm.test_set, args.images)
-    ctx = mp.get_context("spawn")
-    ports: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=server, args=(ports, args.config, args.layout))
-    proc.start()
-    try:
-        logits = client(ports.get(timeout=300), x)
-    finally:
-        proc.join(timeout=600)
-        if proc.is_alive():
-            proc.terminate()
+        x, y = _tensors(dm.test_set, args.images)
+        with ServiceProcess(paths.server) as server:
+            print(f"[server] {server.url}: serving the bundle, no secret key, no recompilation")
+            plan = privml.load_client(paths.client)
+            client = privml.Client(server.url, plan, session=client_session(plan, args.keys))
+            t = time.perf_counter()
+            logits = torch.cat([client.infer(x[i:i + 1]) for i in range(len(x))]) if args.layout == "latency" \
+                else client.infer(x)
+            elapsed = time.perf_counter() - t
+            print(f"[client] uploaded the evaluation keys once ({client.bytes_keys / 1e6:.1f} MB), then "
+                  f"{client.bytes_requests / max(client.requests, 1) / 1e6:.2f} MB per request; "
+                  f"{client.requests} requests in {elapsed:.2f} s")
+            client.close()
     clear = compiled(x)
     print(f"[client] predictions {logits.argmax(1).tolist()} | labels {y.tolist()} | "
           f"max |logit - clear approximated model| = {(logits - clear).abs().max():.2e}")

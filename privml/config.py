@@ -403,10 +403,15 @@ class ServeConfig(_Config):
     max_request_mb: float = option(512.0, "largest inference request (MB)", min=0)
     max_clients: int = option(8, "evaluation-key sets kept in memory; the least recently used is dropped beyond "
                               "it (its client uploads again)", min=1)
-    concurrency: int = option(1, "requests evaluated at once (each in its own thread; one client's requests run "
+    workers: int = option(0, "evaluation processes, each holding the keys of the clients assigned to it (use "
+                          "up to one per core); 0: threads of the service process (SEAL holds the GIL there, so "
+                          "they take turns instead of using more cores)", min=0)
+    concurrency: int = option(1, "with workers=0: requests evaluated at once in threads (one client's requests run "
                               "one at a time)", min=1)
     queue: int = option(16, "requests waiting for a slot beyond which new ones get 503", min=0)
     timeout: float = option(600.0, "seconds a request may wait and run before 504", min=0)
+    warm_up: bool = option(True, "CKKS: encode the weights for a client's keys when they are uploaded (one pass on "
+                           "an encryption of zeros), not on its first request")
     read_timeout: float = option(60.0, "seconds a client may take to send its body before 408", min=0)
 
 

@@ -8,8 +8,9 @@ What a demanding deployment needs and this provides:
 - limits: upload and request sizes (413, checked on ``Content-Length`` and again while reading), a read
   timeout (408) for clients that stall, ``max_clients`` key sets kept (least recently used dropped: 404,
   the client uploads again);
-- bounded concurrency: ``concurrency`` evaluations at once in worker threads (one client's requests run one at
-  a time), at most ``queue`` waiting (then 503 with ``Retry-After``), ``timeout`` for wait + run (504);
+- bounded concurrency: ``workers`` evaluation processes, each holding its clients' keys (or, with ``workers=0``,
+  ``concurrency`` threads: :mod:`privml.serve_pool`); one client's requests run one at a time; at most
+  ``queue`` waiting (then 503 with ``Retry-After``), ``timeout`` for wait + run (504);
 - ``GET /health`` (status, backend, plan SHA-256) and ``GET /metrics`` (counts, bytes, latency p50/p95);
 - structured logs: one JSON object per line, sizes, ids, timings and error classes; never a body, a key or a
   value;
@@ -39,13 +40,8 @@ from typing import Any
 
 from privml.compiler.api import CompiledModel
 from privml.config import ServeConfig
-from privml.errors import (
-    DecryptionBudgetExhausted,
-    InvalidInput,
-    KeyMaterialError,
-    MalformedInput,
-    PrivmlError,
-)
+from privml.errors import InvalidInput, PrivmlError
+from privml.serve_pool import ProcessEvaluator, ThreadEvaluator, status_of
 
 LOG = logging.getLogger("privml.serve")
 MAX_CREDENTIALS = 4096
@@ -55,14 +51,6 @@ SERVED_BACKENDS = ("ckks", "hybrid")
 def log_event(event: str, **fields: Any) -> None:
     """One structured log line (JSON); callers pass sizes, ids and timings only."""
     LOG.info(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}, sort_keys=True))
-
-
-@dataclass
-class _Client:
-    """One uploaded evaluation-key set: the backend's server object and a lock (its requests run one at a time)."""
-
-    server: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -99,14 +87,6 @@ class _Refused(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def _status_of(exc: PrivmlError) -> int:
-    if isinstance(exc, DecryptionBudgetExhausted):
-        return 429
-    if isinstance(exc, (MalformedInput, InvalidInput, KeyMaterialError)):
-        return 400
-    return 422
-
-
 class InferenceService:
     """The service's state and handlers (one per process; no global state)."""
 
@@ -118,12 +98,16 @@ class InferenceService:
                                f"{compiled.plan.backend!r} (MPC parties stay up with privml.Session(...).start())")
         self.compiled, self.cfg = compiled, config
         self.plan_sha256 = compiled.plan.sha256()
-        self.clients: OrderedDict[str, _Client] = OrderedDict()
+        if config.workers > 0:
+            self.evaluator: Any = ProcessEvaluator(compiled, config.warm_up, config.workers)
+        else:
+            self.evaluator = ThreadEvaluator(compiled, config.warm_up, config.concurrency)
+        self.clients: OrderedDict[str, None] = OrderedDict()  # key ids, least recently used first
         self.metrics = Metrics()
-        self.executor = ThreadPoolExecutor(config.concurrency, thread_name_prefix="privml-eval")
+        self.executor = ThreadPoolExecutor(sum(self.evaluator.slots) + 2, thread_name_prefix="privml-eval")
         self.waiting = 0
         self.in_flight = 0
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: list[asyncio.Semaphore] | None = None
 
     # ---- plumbing
     def app(self) -> Any:
@@ -145,16 +129,13 @@ class InferenceService:
 
     async def _cleanup(self, _app: Any) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        for c in self.clients.values():
-            close = getattr(c.server, "close", None)
-            if close is not None:
-                close()
+        self.evaluator.close()
 
-    @property
-    def slots(self) -> asyncio.Semaphore:
+    def _slot(self, key_id: str) -> asyncio.Semaphore:
+        """The evaluation slots the key's requests queue for (one pool, or the slot of its worker process)."""
         if self._slots is None:  # made on the event loop that serves
-            self._slots = asyncio.Semaphore(self.cfg.concurrency)
-        return self._slots
+            self._slots = [asyncio.Semaphore(n) for n in self.evaluator.slots]
+        return self._slots[self.evaluator.group(key_id)]
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> Any:
         from aiohttp import web
@@ -220,7 +201,8 @@ class InferenceService:
         from aiohttp import web
 
         return web.json_response({**self.metrics.snapshot(), "in_flight": self.in_flight, "queued": self.waiting,
-                                  "clients": len(self.clients), "concurrency": self.cfg.concurrency})
+                                  "clients": len(self.clients), "slots": sum(self.evaluator.slots),
+                                  "workers": self.cfg.workers})
 
     async def get_plan(self, _request: Any) -> Any:
         from aiohttp import web
@@ -234,19 +216,18 @@ class InferenceService:
         credentials = self._credentials(request)
         body = await self._body(request, self.cfg.max_upload_mb, "evaluation-key upload")
         key_id = hashlib.sha256(body).hexdigest()[:32]
-        if key_id not in self.clients:
+        if not self.evaluator.has(key_id):
             try:
-                server = await self._in_thread(self._make_server, body, credentials)
+                await self._in_thread(self.evaluator.add, key_id, body, credentials)
             except PrivmlError as exc:
                 log_event("keys_refused", bytes=len(body), error=type(exc).__name__)
-                raise _Refused(_status_of(exc), str(exc)) from None
-            self.clients[key_id] = _Client(server)
-            while len(self.clients) > self.cfg.max_clients:
-                old_id, old = self.clients.popitem(last=False)
-                log_event("keys_dropped", key_id=old_id, reason="max_clients")
-                if hasattr(old.server, "close"):
-                    old.server.close()
+                raise _Refused(status_of(exc), str(exc)) from None
+        self.clients[key_id] = None
         self.clients.move_to_end(key_id)
+        while len(self.clients) > self.cfg.max_clients:
+            old_id, _ = self.clients.popitem(last=False)
+            log_event("keys_dropped", key_id=old_id, reason="max_clients")
+            await self._in_thread(self.evaluator.drop, old_id)
         self.metrics.uploads += 1
         self.metrics.bytes_in_keys += len(body)
         log_event("keys", key_id=key_id, bytes=len(body), ms=round((time.perf_counter() - t0) * 1e3, 1))
@@ -268,24 +249,13 @@ class InferenceService:
             raise _Refused(400, "malformed X-Privml-Credentials header") from None
         return cred
 
-    def _make_server(self, context: bytes, credentials: dict[str, Any] | None) -> Any:
-        plan = self.compiled.plan
-        if plan.backend == "hybrid":
-            from privml.backends.hybrid import HybridServer
-
-            return HybridServer(plan, context, credentials)
-        from privml.backends.ckks import CKKSServer
-
-        return CKKSServer(plan, context)
-
     async def drop_keys(self, request: Any) -> Any:
         from aiohttp import web
 
-        client = self.clients.pop(request.match_info["key_id"], None)
-        if client is None:
+        key_id = request.match_info["key_id"]
+        if self.clients.pop(key_id, 0) == 0 or not self.evaluator.has(key_id):
             raise _Refused(404, "unknown key id")
-        if hasattr(client.server, "close"):
-            client.server.close()
+        await self._in_thread(self.evaluator.drop, key_id)
         log_event("keys_dropped", key_id=request.match_info["key_id"], reason="client")
         return web.json_response({"dropped": True})
 
@@ -294,32 +264,32 @@ class InferenceService:
 
         t0 = time.perf_counter()
         key_id = request.match_info["key_id"]
-        if key_id not in self.clients:
-            raise _Refused(404, "unknown key id: upload the evaluation keys first (POST /v1/keys)")
+        unknown = "unknown key id: upload the evaluation keys first (POST /v1/keys)"
+        if not self.evaluator.has(key_id):
+            self.clients.pop(key_id, None)
+            raise _Refused(404, unknown)
         body = await self._body(request, self.cfg.max_request_mb, "inference request")
-        if self.waiting >= self.cfg.queue and self.slots.locked():
+        slot = self._slot(key_id)
+        if self.waiting >= self.cfg.queue and slot.locked():
             self.metrics.rejected_busy += 1
             log_event("busy", key_id=key_id, queued=self.waiting)
             raise _Refused(503, f"busy: {self.waiting} requests already waiting", {"Retry-After": "1"})
         self.waiting += 1
         try:
-            await asyncio.wait_for(self.slots.acquire(), self.cfg.timeout)
+            await asyncio.wait_for(slot.acquire(), self.cfg.timeout)
         except asyncio.TimeoutError:
             self.metrics.timeouts += 1
             raise _Refused(504, f"no evaluation slot within {self.cfg.timeout:g} s") from None
         finally:
             self.waiting -= 1
-        client = self.clients.get(key_id)
-        if client is None:  # dropped while waiting
-            self.slots.release()
-            raise _Refused(404, "unknown key id: upload the evaluation keys first (POST /v1/keys)")
-        self.clients.move_to_end(key_id)
+        if key_id in self.clients:
+            self.clients.move_to_end(key_id)
         self.in_flight += 1
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self._evaluate, client, body)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.evaluator.run, key_id, body)
 
         def done(_f: Any) -> None:  # the slot is held until the evaluation really ends, also after a 504
             self.in_flight -= 1
-            self.slots.release()
+            slot.release()
 
         future.add_done_callback(done)
         left = max(0.0, self.cfg.timeout - (time.perf_counter() - t0))
@@ -329,9 +299,11 @@ class InferenceService:
             self.metrics.timeouts += 1
             log_event("timeout", key_id=key_id, bytes_in=len(body))
             raise _Refused(504, f"evaluation did not finish within {self.cfg.timeout:g} s") from None
+        except KeyError:  # dropped (or its worker restarted) while waiting
+            raise _Refused(404, unknown) from None
         except PrivmlError as exc:
             log_event("infer_refused", key_id=key_id, bytes_in=len(body), error=type(exc).__name__)
-            raise _Refused(_status_of(exc), str(exc)) from None
+            raise _Refused(status_of(exc), str(exc)) from None
         elapsed = time.perf_counter() - t0
         self.metrics.requests += 1
         self.metrics.bytes_in_requests += len(body)
@@ -340,10 +312,6 @@ class InferenceService:
         log_event("infer", key_id=key_id, bytes_in=len(body), bytes_out=len(response), ms=round(elapsed * 1e3, 1))
         return web.Response(body=response, content_type="application/octet-stream",
                             headers={"X-Privml-Request-Sha256": hashlib.sha256(body).hexdigest()})
-
-    def _evaluate(self, client: _Client, body: bytes) -> bytes:
-        with client.lock:
-            return client.server.run(self.compiled, body)
 
 
 def check_listen(config: ServeConfig) -> ssl.SSLContext | None:

@@ -49,7 +49,7 @@ def bundle(tmp_path_factory):
 def service(bundle):
     _, _, paths = bundle
     svc = Service(paths.server, "--max-request-mb", "4", "--max-upload-mb", "40", "--read-timeout", "3",
-                  "--concurrency", "2")
+                  "--workers", "2")
     yield svc
     svc.stop()
 
@@ -178,6 +178,40 @@ def test_client_refuses_forged_responses_and_other_plans(bundle, service, monkey
     other = privml.compile(_cnn(seed=3), x, backend="ckks")
     with pytest.raises(MalformedInput, match="another plan"):
         privml.Client(_url(service), other.plan).infer(x[:1])
+
+
+def test_a_dead_worker_is_restarted_and_its_clients_upload_again(bundle, service):
+    import psutil
+
+    compiled, x, paths = bundle
+    client = privml.Client(_url(service), paths.client)
+    client.infer(x[:1])
+    workers = [p for p in psutil.Process(service.proc.pid).children()
+               if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 2 and client.metrics()["workers"] == 2
+    # killed during a request: that request fails with 503, the worker is restarted
+    running = ThreadPoolExecutor(1).submit(client.infer, x[:8])
+    deadline = time.monotonic() + 30
+    while client.metrics()["in_flight"] == 0 and time.monotonic() < deadline and not running.done():
+        time.sleep(0.01)
+    for w in workers:
+        w.kill()
+    with pytest.raises(ServiceError, match="worker died") as err:
+        running.result()
+    assert err.value.status == 503
+    uploaded = client.bytes_keys
+    assert (client.infer(x[:2]) - compiled(x[:2])).abs().max() < TOL  # keys uploaded again, transparently
+    assert client.bytes_keys == 2 * uploaded
+    # killed between requests: the next request finds it dead, restarts it and gets 404, the client re-uploads
+    psutil.wait_procs(workers, timeout=10)
+    live = [p for p in psutil.Process(service.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    for w in live:
+        w.kill()
+    psutil.wait_procs(live, timeout=10)
+    assert (client.infer(x[:2]) - compiled(x[:2])).abs().max() < TOL
+    assert client.bytes_keys == 3 * uploaded
+    alive = [p for p in psutil.Process(service.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(alive) == 2 and not {p.pid for p in alive} & {w.pid for w in workers + live}
 
 
 def test_keys_dropped_by_the_server_are_uploaded_again(bundle, service):

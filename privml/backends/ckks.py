@@ -858,6 +858,15 @@ class CKKSServer:
         self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
                                lanes=plan.params.get("lanes"))
 
+    def warm(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Encode ``model``'s weight diagonals now, by running it once on an encryption of zeros (the public key
+        encrypts), so that the first real request does not pay for them."""
+        shape = (1, *input_shape)
+        x = CKKSTensor(self.runtime.encrypt(torch.zeros(shape)), shape, torch.float32, runtime=self.runtime,
+                       pending=None, packing=self.runtime.input_packing(shape))
+        model(x)
+        self.ctx.reset_stats()
+
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
         """Decode ciphertexts, run ``model`` on them, return the encrypted result as bytes."""
         x = loads(request, self.runtime)
