@@ -241,6 +241,12 @@ class MPCConfig(CompileConfig):
 
     backend: ClassVar[str] = "mpc"
 
+    link_delay_ms: float | None = option(None, "one-way delay of the parties' link (ms): with a budget, each "
+                                         "activation takes exact ReLU or a polynomial by predicted seconds on it; "
+                                         "the plan predicts a request's latency there", min=0, choose=True)
+    link_mbit: float | None = option(None, "bandwidth of the parties' link (Mbit/s; None: unlimited)", min=0,
+                                     choose=True)
+
     @property
     def approximates(self) -> bool:
         return self.has_budget

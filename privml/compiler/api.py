@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from privml.compiler.approx import needs_approximation
@@ -15,7 +16,7 @@ from privml.compiler.client import apply_client_ops, split_client_ops
 from privml.compiler.norms import approximate_layer_norms
 from privml.compiler.plan import Plan, build_plan
 from privml.compiler.validate import fix, raise_if_errors, validate
-from privml.config import CKKSConfig, CompileConfig, HybridConfig, compile_config
+from privml.config import CKKSConfig, CompileConfig, HybridConfig, MPCConfig, compile_config
 from privml.errors import BudgetError, CalibrationError, FidelityWarning, InvalidInput
 from privml.tensor import PrivateTensor, module_scope
 
@@ -124,6 +125,8 @@ def compile(model: nn.Module, calibration_data: Any, backend: str | None = None,
         _check_fixes(gm, reference, torch.cat(batches)[:512], plan, cfg.agreement_target)
     if choice is not None and choice.warning:
         warnings.warn(choice.warning, FidelityWarning, stacklevel=2)
+    if isinstance(cfg, MPCConfig):
+        _plan_mpc(gm, stats, plan, cfg)
     if isinstance(cfg, CKKSConfig):
         _plan_ckks(gm, stats, plan, cfg, choice)
     if isinstance(cfg, HybridConfig):
@@ -156,6 +159,22 @@ def input_range(batches: list[torch.Tensor], margin: float) -> list[float]:
     hi = max(float(b.max()) for b in batches)
     pad = (hi - lo) * margin if hi > lo else max(abs(lo), 1.0) * max(margin, 1e-6)  # constant inputs: lo < hi
     return [lo - pad, hi + pad]
+
+
+def _plan_mpc(gm: fx.GraphModule, stats: Any, plan: Plan, cfg: MPCConfig) -> None:
+    """A 2-party request's rounds and bytes (batch 1) and its predicted seconds on typical links (and the given
+    one): ``plan.params["mpc_cost"]``, and one line of the plan's notes."""
+    from privml.compiler.costs import PLAN_LINKS, mpc_request_cost, mpc_seconds
+
+    cost = mpc_request_cost(gm, stats, batch=1)
+    links = list(PLAN_LINKS)
+    if cfg.link_delay_ms is not None or cfg.link_mbit is not None:
+        rate = f", {cfg.link_mbit:g} Mbit/s" if cfg.link_mbit else ""
+        links.append((f"configured {cfg.link_delay_ms or 0:g} ms{rate}", cfg.link_delay_ms or 0.0, cfg.link_mbit))
+    seconds = {name: round(mpc_seconds(cost["rounds"], cost["bytes"], d, r), 4) for name, d, r in links}
+    plan.params["mpc_cost"] = {**cost, "batch": 1, "parties": 2, "predicted_seconds": seconds}
+    plan.notes.append(f"MPC, 2 parties, one sample: {cost['rounds']} rounds, {cost['bytes'] / 1e3:.1f} kB; predicted "
+                      + ", ".join(f"{v:.3g} s on {k}" for k, v in seconds.items()))
 
 
 def _plan_ckks(gm: nn.Module, stats: Any, plan: Plan, cfg: CKKSConfig, choice: Any) -> None:

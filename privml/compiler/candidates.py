@@ -176,9 +176,11 @@ def candidates(kind: str, lo: float, hi: float, params: dict[str, Any] | None = 
                                    int(precision_bits), int(max_degree), bool(composites)))
 
 
-def frontier(cands: list[Candidate], backend: str) -> list[Candidate]:
-    """The candidates worth paying for: by increasing cost, each strictly more accurate than every cheaper one."""
-    ordered = sorted(cands, key=lambda c: (c.cost(backend), c.total_err, c.kind, c.degrees, c.eps or 0.0))
+def frontier(cands: list[Candidate], backend: str, cost: Any = None) -> list[Candidate]:
+    """The candidates worth paying for: by increasing cost (the backend's, or ``cost(candidate)``), each strictly
+    more accurate than every cheaper one."""
+    price = cost or (lambda c: c.cost(backend))
+    ordered = sorted(cands, key=lambda c: (price(c), c.total_err, c.kind, c.degrees, c.eps or 0.0))
     out: list[Candidate] = []
     for c in ordered:
         if not out or c.total_err < out[-1].total_err:

@@ -42,7 +42,7 @@ from privml.compiler.candidates import (
     frontier,
     poly_candidate,
 )
-from privml.compiler.costs import MPC_RELU_ROUNDS, depth_cap, mpc_poly_cost, numeric_unit
+from privml.compiler.costs import MPC_RELU_ROUNDS, depth_cap, mpc_poly_cost, mpc_seconds, numeric_unit
 from privml.compiler.evaluate import Evaluator
 from privml.compiler.search import ChoiceResult, Search, SiteChoice
 from privml.config import CompileConfig
@@ -108,12 +108,20 @@ def _check_targets(backend: str, max_error: float | None, accuracy_tolerance: fl
             raise InvalidInput("privml: depth_budget is a CKKS budget; for mpc use max_error or accuracy_tolerance")
 
 
+def _site_seconds(s: ActivationSite, stats: dict[str, RangeStats], link: tuple[float, float | None]) -> Any:
+    """A candidate's predicted seconds at site ``s`` (one sample) on ``link`` = (one-way delay ms, Mbit/s)."""
+    st = stats.get(s.node.name)
+    elems = math.prod(st.shape) if st is not None and st.shape else 1
+    return lambda c: (mpc_seconds(c.rounds, c.nbytes * elems, link[0], link[1]),)
+
+
 def _ladder(s: ActivationSite, backend: str, degree: int | None, precision_bits: int, max_degree: int,
-            composites: bool) -> list[Candidate]:
-    """The candidates ``s`` may move along, cheapest first: one fixed-degree fit, or the cost/error frontier."""
+            composites: bool, cost: Any = None) -> list[Candidate]:
+    """The candidates ``s`` may move along, cheapest first (by ``cost`` when given): one fixed-degree fit, or the
+    cost/error frontier."""
     if degree is None:
         return frontier(candidates(s.kind, s.lo, s.hi, s.params, backend, precision_bits, max_degree, composites),
-                        backend)
+                        backend, cost)
     d = int(_positive("degree", degree, integer=True))
     if not 1 <= d <= 63:
         raise InvalidInput(f"privml: degree must be in [1, 63], got {degree}")
@@ -156,12 +164,16 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
            degree: int | None = None, margin: float = 0.1, percentile: Any = None, precision_bits: int = 20,
            poly_modulus_degree: int | None = None, refresh_depth: int | None = None,
            max_degree: int = MAX_DIRECT_DEGREE, composites: bool = True, agreement_target: float | None = None,
-           reference: nn.Module | None = None, enclave_activations: bool = True) -> ChoiceResult:
+           reference: nn.Module | None = None, enclave_activations: bool = True, link_delay_ms: float | None = None,
+           link_mbit: float | None = None) -> ChoiceResult:
     """Pick an approximation for every activation of ``gm`` (see the module docstring); ``gm`` is not modified.
 
     ``calibration`` (a batch of inputs) measures each activation's effect when no validation
     data is given, and the agreement with ``reference`` (the user's original model, eval mode;
     default: ``gm`` with exact activations). ``percentile``: True for (0.1, 99.9), or (low, high) in percent.
+    ``link_delay_ms`` / ``link_mbit`` (MPC): order each activation's candidates by their predicted seconds on
+    that link (rounds x round trip + bytes over the bandwidth, for the activation's size), not by rounds first:
+    on a fast link a wide activation may be cheaper exact than as a high-degree polynomial.
     ``refresh_depth`` (hybrid): most levels between two enclave refreshes; ``enclave_activations=False``
     (hybrid): approximate ReLU too instead of leaving it to the enclave.
     BudgetError when a target cannot be met, saying the best reached and what to change.
@@ -183,7 +195,11 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
     if not sites:
         return result
 
-    result.sites = [SiteChoice(s, _ladder(s, backend, degree, precision_bits, max_degree, composites)) for s in sites]
+    link = None
+    if backend == "mpc" and (link_delay_ms is not None or link_mbit is not None):
+        link = (float(link_delay_ms or 0.0), link_mbit)
+    result.sites = [SiteChoice(s, _ladder(s, backend, degree, precision_bits, max_degree, composites,
+                                          _site_seconds(s, stats, link) if link else None)) for s in sites]
     if max_error is not None:
         _start_within(result.sites, max_error)
     cap, cap_why, segment = _depth_limit(backend, stats, depth_budget, refresh_depth, precision_bits,

@@ -248,3 +248,86 @@ def place_refreshes(gm: fx.GraphModule, site_cost: dict[str, int], segment_depth
                               "cheaper approximations (looser max_error / accuracy_tolerance)")
         refresh.add(max(options, key=pos.__getitem__))
     raise BudgetError("privml: refresh placement did not converge")  # unreachable: each pass adds one refresh
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MPC: a whole request's rounds and bytes, and its predicted seconds on a link (network-aware planning).
+# Measured per request on this machine (privml.backends.mpc costs(), 2 parties, TFP): a linear layer with shared
+# weights is one Beaver product, opening epsilon (the input) and delta (the weights): 16 bytes per input value and
+# per weight; opening the output: one round, 8 bytes per value; sharing the input: local (0 rounds).
+MPC_LINEAR_BYTES = 16
+MPC_OPEN_BYTES = 8
+# Local seconds of a 2-party request on loopback (the parties' own time, warm pool), least-squares fitted on this
+# machine on the digits CNN (32 rounds, batch 1-8) and the breast-cancer MLP (12 rounds, batch 1-64): 5.3 ms per
+# round (CrypTen's Python, gloo's synchronisation), 6.6 ns per byte; the six runs within -8%..+28% of the fit.
+# experiments/bench/mpc_links.py prints the plan's prediction next to the measurement for each link.
+MPC_ROUND_SECONDS = 5e-3
+MPC_BYTE_SECONDS = 7e-9
+LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _mpc_node_cost(node: fx.Node, modules: dict[str, nn.Module], stats: dict[str, RangeStats],
+                   batch: int) -> tuple[int, int]:
+    """(rounds, bytes) one node costs a 2-party request of ``batch`` samples (0, 0 for local ops)."""
+    from privml.nn.poly import CompositeRelu, PolyActivation
+
+    out = stats.get(node.name)
+    elems = int(np.prod(out.shape)) * batch if out is not None and out.shape else 0
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        if isinstance(mod, LINEAR_MODULES):
+            src = stats.get(node.all_input_nodes[0].name) if node.all_input_nodes else None
+            inputs = int(np.prod(src.shape)) * batch if src is not None and src.shape else 0
+            return 1, MPC_LINEAR_BYTES * (inputs + mod.weight.numel())
+        if isinstance(mod, (nn.ReLU, nn.LeakyReLU)):
+            return MPC_RELU_ROUNDS, MPC_RELU_BYTES * elems
+        if isinstance(mod, PolyActivation):
+            rounds, per = mpc_poly_cost(mod.degree)
+            return rounds, per * elems
+        if isinstance(mod, CompositeRelu):
+            costs = [mpc_poly_cost(d) for d in mod.degrees]
+            return sum(c[0] for c in costs) + 1, (sum(c[1] for c in costs) + MPC_PRODUCT_BYTES) * elems
+        return 0, 0
+    if node.op == "call_function" and getattr(node.target, "__name__", "") in ("relu", "relu_"):
+        return MPC_RELU_ROUNDS, MPC_RELU_BYTES * elems
+    return 0, 0
+
+
+def mpc_request_cost(gm: fx.GraphModule, stats: dict[str, RangeStats], batch: int = 1,
+                     parties: int = 2) -> dict[str, int]:
+    """Rounds on the critical path and whole-system bytes of one MPC request of ``batch`` samples.
+
+    Every opened value is sent by each party to every other, so bytes grow with parties * (parties - 1)."""
+    modules = dict(gm.named_modules())
+    depth: dict[str, int] = {}
+    total_bytes = 0
+    rounds = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            depth[node.name] = 0
+            continue
+        before = max((depth.get(a.name, 0) for a in node.all_input_nodes), default=0)
+        if node.op == "output":
+            src = node.args[0] if isinstance(node.args[0], fx.Node) else None
+            st = stats.get(src.name) if src is not None else None
+            total_bytes += MPC_OPEN_BYTES * (int(np.prod(st.shape)) * batch if st is not None and st.shape else 0)
+            rounds = before + 1
+            continue
+        r, b = _mpc_node_cost(node, modules, stats, batch)
+        depth[node.name] = before + r
+        total_bytes += b
+    scale = parties * (parties - 1) / 2
+    return {"rounds": rounds, "bytes": int(total_bytes * scale)}
+
+
+def mpc_seconds(rounds: int, nbytes: float, delay_ms: float = 0.0, rate_mbit: float | None = None,
+                parties: int = 2) -> float:
+    """Predicted seconds of an MPC request on a link: local costs (per round, per byte), a round trip
+    (2 x one-way delay) per round, and each party's share of the bytes over the bandwidth."""
+    wire = nbytes / parties * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
+    return rounds * (MPC_ROUND_SECONDS + 2 * delay_ms / 1e3) + nbytes * MPC_BYTE_SECONDS + wire
+
+
+# Links the plan predicts a request's latency on (name, one-way delay ms, Mbit/s; None: unshaped loopback)
+PLAN_LINKS = (("loopback", 0.0, None), ("LAN 0.2 ms, 1 Gbit/s", 0.2, 1000.0), ("WAN 10 ms, 100 Mbit/s", 10.0, 100.0),
+              ("WAN 50 ms, 100 Mbit/s", 50.0, 100.0))
