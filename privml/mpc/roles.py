@@ -315,7 +315,7 @@ def evaluate(model_spec: Callable[[], nn.Module], data_sources: Mapping[int, Any
              output_party: int | str | None = 0, *, world_size: int | None = None,
              input_shape: tuple[int, ...] | None = None, timeout: float = 120.0, ttp: bool = False,
              plan: Any = None, roles: list[str] | None = None, log_level: int = logging.WARNING,
-             deadline: float | None = None) -> Evaluation:
+             deadline: float | None = None, pool: Any = None) -> Evaluation:
     """Evaluate a model whose weights belong to one party on rows that belong to others, in party processes.
 
     ``model_spec``: picklable zero-argument callable building the architecture (every party calls
@@ -326,7 +326,8 @@ def evaluate(model_spec: Callable[[], nn.Module], data_sources: Mapping[int, Any
     ``privml.compile(..., backend="mpc")``) is checked for fixed-point overflow before anything
     starts. Raises ``PartyFailure`` if a party fails, dies, stops answering for ``timeout``
     seconds, or holds a different model or row shape than the others; with ``deadline`` also when the whole
-    evaluation (e.g. a data owner's source that blocks) outlasts it.
+    evaluation (e.g. a data owner's source that blocks) outlasts it. ``pool``: where the party processes run
+    instead of fresh local ones, e.g. a :class:`privml.parties.netlab.NetLab` (one network namespace per party).
     """
     if not isinstance(data_sources, Mapping) or not data_sources:
         raise InvalidInput("privml: data_sources must be a non-empty {rank: source} mapping")
@@ -352,8 +353,11 @@ def evaluate(model_spec: Callable[[], nn.Module], data_sources: Mapping[int, Any
                "weights": as_source(wsource) if r == weight_party else None}
         rank_args.append((own,))
     names = roles or role_names(world_size, data_parties, weight_party, output_party)
-    results = run_parties(evaluation_party, world_size, (job,), timeout=timeout, ttp=ttp, roles=names,
-                          rank_args=rank_args, log_level=log_level, deadline=deadline)
+    if pool is not None:
+        results = pool.run(evaluation_party, (job,), rank_args=rank_args, timeout=timeout, roles=names)
+    else:
+        results = run_parties(evaluation_party, world_size, (job,), timeout=timeout, ttp=ttp, roles=names,
+                              rank_args=rank_args, log_level=log_level, deadline=deadline)
     from privml.parties.costs import combine_summaries
 
     if output_party == OWNERS:

@@ -233,13 +233,14 @@ class TrainResult:
 def train_private(model: nn.Module, data_sources: Mapping[int, Any], *, epochs: int = 5, lr: float = 0.1,
                   batch_size: int = 32, seed: int = 0, world_size: int | None = None,
                   output_party: int | None = None, timeout: float = 300.0, ttp: bool = False,
-                  log_level: int = logging.WARNING) -> TrainResult:
+                  log_level: int = logging.WARNING, pool: Any = None) -> TrainResult:
     """Train ``model`` (public initial weights) by SGD on rows secret-shared by the data owners.
 
     ``data_sources``: ``{rank: source}``; each source (a :class:`privml.mpc.roles.Source`,
     callable or path) serves ``(rows, labels)`` and is evaluated only in its owner's process.
     Batches follow a public seeded permutation of all rows (rank order). Returns the trained model
-    as opened to ``output_party`` (every party with None).
+    as opened to ``output_party`` (every party with None). ``pool``: where the parties run instead of fresh local
+    processes, e.g. a :class:`privml.parties.netlab.NetLab` (one network namespace per party).
     """
     from privml.mpc.roles import as_source, role_names
     from privml.parties.costs import combine_summaries
@@ -259,8 +260,11 @@ def train_private(model: nn.Module, data_sources: Mapping[int, Any], *, epochs: 
            "batch_size": batch_size, "seed": seed, "output_party": output_party}
     rank_args = [({"data": as_source(data_sources[r]) if r in data_sources else None},) for r in range(world_size)]
     names = role_names(world_size, owners, -1, output_party)
-    results = run_parties(training_party, world_size, (job,), timeout=timeout, ttp=ttp, roles=names,
-                          rank_args=rank_args, log_level=log_level)
+    if pool is not None:
+        results = pool.run(training_party, (job,), rank_args=rank_args, timeout=timeout, roles=names)
+    else:
+        results = run_parties(training_party, world_size, (job,), timeout=timeout, ttp=ttp, roles=names,
+                              rank_args=rank_args, log_level=log_level)
     weights = results[output_party if output_party is not None else 0]["weights"]
     trained = copy.deepcopy(model)
     trained.load_state_dict({**trained.state_dict(), **weights})

@@ -138,18 +138,19 @@ class NetLab:
             _sh(*tc, "root", "tbf", "rate", f"{link.rate_mbit}mbit", "burst", str(burst), "latency", "400ms")
 
     def run(self, fn: Any, args: tuple = (), *, rank_args: list[tuple] | None = None,
-            timeout: float = 120.0) -> Any:
+            timeout: float = 120.0, roles: list[str] | None = None) -> Any:
         """Like :meth:`PartyPool.run <privml.parties.pool.PartyPool.run>` (a fresh process per party each call), so
         an MPC session can run over these links: ``session.backend.pool = lab``."""
         from privml.parties.launcher import RunResult
 
         t0 = time.perf_counter()
-        results = self.run_parties(fn, args, rank_args=rank_args, timeout=timeout)
-        return RunResult(results, provider="TFP", world_size=self.parties,
-                         roles=[f"party{r}" for r in range(self.parties)], seconds=time.perf_counter() - t0)
+        names = roles or [f"party{r}" for r in range(self.parties)]
+        results = self.run_parties(fn, args, rank_args=rank_args, timeout=timeout, roles=names)
+        return RunResult(results, provider="TFP", world_size=self.parties, roles=names,
+                         seconds=time.perf_counter() - t0)
 
     def run_parties(self, fn: Any, args: tuple = (), *, rank_args: list[tuple] | None = None,
-                    timeout: float = 120.0) -> list[Any]:
+                    timeout: float = 120.0, roles: list[str] | None = None) -> list[Any]:
         """``fn(ctx, *args, *rank_args[r])`` in one process per namespace (``join_party``); results by rank."""
         if not self.up:
             raise InvalidInput("privml: use the NetLab as a context manager first")
@@ -161,7 +162,7 @@ class NetLab:
                 own = tuple(rank_args[rank]) if rank_args is not None else ()
                 job.write_bytes(pickle.dumps({"fn": fn, "args": tuple(args) + own, "world_size": self.parties,
                                               "master_addr": self.address(0), "master_port": port,
-                                              "timeout": timeout}))
+                                              "timeout": timeout, "roles": roles}))
                 env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": os.pathsep.join(sys.path)}
                 procs.append(subprocess.Popen(
                     ["ip", "netns", "exec", ns, sys.executable, "-m", "privml.parties.netlab", str(job), str(rank),
@@ -213,7 +214,8 @@ def _party_main(job_path: str, rank: int, out_path: str) -> None:
 
     job = pickle.loads(Path(job_path).read_bytes())
     result = join_party(job["fn"], job["args"], rank=rank, world_size=job["world_size"],
-                        master_addr=job["master_addr"], master_port=job["master_port"], timeout=job["timeout"])
+                        master_addr=job["master_addr"], master_port=job["master_port"], timeout=job["timeout"],
+                        roles=job.get("roles"))
     Path(out_path).write_bytes(pickle.dumps(result))
 
 
