@@ -257,12 +257,15 @@ def place_refreshes(gm: fx.GraphModule, site_cost: dict[str, int], segment_depth
 # per weight; opening the output: one round, 8 bytes per value; sharing the input: local (0 rounds).
 MPC_LINEAR_BYTES = 16
 MPC_OPEN_BYTES = 8
-# Local seconds of a 2-party request on loopback (the parties' own time, warm pool), least-squares fitted on this
-# machine on the digits CNN (32 rounds, batch 1-8) and the breast-cancer MLP (12 rounds, batch 1-64): 5.3 ms per
-# round (CrypTen's Python, gloo's synchronisation), 6.6 ns per byte; the six runs within -8%..+28% of the fit.
-# experiments/bench/mpc_links.py prints the plan's prediction next to the measurement for each link.
-MPC_ROUND_SECONDS = 5e-3
-MPC_BYTE_SECONDS = 7e-9
+# Seconds of a 2-party request, least-squares fitted on this machine to 16 runs of experiments/bench/mpc_links.py
+# (the digits CNN with exact ReLU and with polynomials, the breast-cancer MLP; each party in its own namespace on
+# an unshaped, 1000, 100 and 20 Mbit/s veth link): 3.8 ms per round (CrypTen's Python, gloo's synchronisation),
+# 58 ns per byte counted (the arithmetic and serialisation of those values), and 0.71 of each party's counted bytes
+# waiting on its shaped egress (both parties send at once, and part of the sending overlaps local work).
+# The bench prints the plan's prediction next to each measurement.
+MPC_ROUND_SECONDS = 3.8e-3
+MPC_BYTE_SECONDS = 5.8e-8
+MPC_WIRE_FACTOR = 0.71
 LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -324,7 +327,7 @@ def mpc_seconds(rounds: int, nbytes: float, delay_ms: float = 0.0, rate_mbit: fl
                 parties: int = 2) -> float:
     """Predicted seconds of an MPC request on a link: local costs (per round, per byte), a round trip
     (2 x one-way delay) per round, and each party's share of the bytes over the bandwidth."""
-    wire = nbytes / parties * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
+    wire = MPC_WIRE_FACTOR * nbytes / parties * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
     return rounds * (MPC_ROUND_SECONDS + 2 * delay_ms / 1e3) + nbytes * MPC_BYTE_SECONDS + wire
 
 

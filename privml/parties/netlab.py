@@ -134,7 +134,9 @@ class NetLab:
             rate = ["rate", f"{link.rate_mbit}mbit"] if link.rate_mbit else []
             _sh(*tc, "root", "netem", *delay, *rate, "limit", "100000")
         elif link.rate_mbit:
-            burst = max(64 * 1024, int(link.rate_mbit * 1e6 / 8 / 250))  # >= 4 ms worth of bytes
+            # a small bucket (16 KiB or 1 ms worth): a real link makes every byte wait, a large bucket would let
+            # each round's messages through at full speed
+            burst = max(16 * 1024, int(link.rate_mbit * 1e6 / 8 / 1000))
             _sh(*tc, "root", "tbf", "rate", f"{link.rate_mbit}mbit", "burst", str(burst), "latency", "400ms")
 
     def run(self, fn: Any, args: tuple = (), *, rank_args: list[tuple] | None = None,
