@@ -355,6 +355,11 @@ class MPCSessionConfig(SessionConfig):
                           "root_certificate, expected_pcrs) or a launched privml.enclave.EnclaveProcess", cli=False,
                           compare=False)
     range_margin: float = option(2.0, "headroom factor when checking calibrated ranges against fixed point", min=0)
+    remote: Any = option(None, "{rank: 'host:port'}: parties on other machines, each served by "
+                         "`python -m privml.parties.remote` (a started session only)", cli=False)
+    authkey: Any = option(None, "the party hosts' shared key (bytes, at least 16)", cli=False, compare=False)
+    master_addr: str | None = option(None, "with remote=: the address where the parties meet (gloo), reachable "
+                                     "from every machine")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -345,9 +345,11 @@ def _check_common(world_size: Any, timeout: Any, roles: list[str] | None, deadli
     return roles
 
 
-def _describe_exit(exitcode: int | None) -> str:
+def _describe_exit(exitcode: int | str | None) -> str:
     if exitcode is None:
         return "is still running"
+    if isinstance(exitcode, str):  # a party on another machine (privml.parties.remote)
+        return exitcode
     if exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name

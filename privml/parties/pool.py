@@ -89,17 +89,27 @@ def _pool_party(conn: multiprocessing.connection.Connection, rank: int, world_si
 
 
 class PartyPool:
-    """``world_size`` party processes kept up between jobs (``run``), on this machine.
+    """``world_size`` party processes kept up between jobs (``run``), on this machine or others.
 
     Same arguments as :func:`~privml.parties.launcher.run_parties` (``ttp``, ``dealer``, ``roles``, ``timeout``:
     the gloo timeout of every wait on another party). ``deadline``: seconds any one job may take in all before
-    ``PartyFailure`` (None: no overall limit). Use as a context manager, or ``start()``/``close()``.
+    ``PartyFailure`` (None: no overall limit). ``remote``: ``{rank: "host:port"}`` of party hosts on other
+    machines (:mod:`privml.parties.remote`; ``authkey`` their shared key, ``master_addr``/``master_port`` where
+    the parties meet, reachable from every machine). Use as a context manager, or ``start()``/``close()``.
     """
 
     def __init__(self, world_size: int, *, timeout: float = 120.0, roles: list[str] | None = None,
                  ttp: bool = False, dealer: Any = None, log_level: int = logging.WARNING,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, remote: dict[int, str] | None = None, authkey: bytes | None = None,
+                 master_addr: str | None = None, master_port: int | None = None) -> None:
         self.names = _check_common(world_size, timeout, roles, deadline, ttp, dealer)
+        self.remote = dict(remote or {})
+        if any(not isinstance(r, int) or not 0 <= r < world_size for r in self.remote):
+            raise InvalidInput(f"privml: remote ranks must be party ranks 0..{world_size - 1}, got "
+                               f"{sorted(self.remote)}")
+        if self.remote and (ttp or dealer is not None):
+            raise InvalidInput("privml: remote parties run with CrypTen's TFP provider (no ttp or dealer yet)")
+        self.authkey, self.master_addr, self.master_port = authkey, master_addr, master_port
         self.world_size, self.timeout, self.ttp, self.dealer = world_size, float(timeout), ttp, dealer
         self.log_level, self.deadline = log_level, deadline
         self.procs: list[Any] = []
@@ -132,11 +142,21 @@ class PartyPool:
 
             deal = EnclaveDealer.coerce(self.dealer).open_session(self.world_size, timeout=self.timeout)
         n = self.world_size + (1 if self.ttp else 0)
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RENDEZVOUS": "env://"}
+        env = {"MASTER_ADDR": self.master_addr or "127.0.0.1",
+               "MASTER_PORT": str(self.master_port or _free_port()), "RENDEZVOUS": "env://"}
         mp = multiprocessing.get_context("spawn")
         all_names = self.names + ([TTP_ROLE] if self.ttp else [])
         try:
             for rank in range(n):
+                if rank in self.remote:  # a party host on another machine (privml.parties.remote)
+                    from privml.parties.remote import connect
+
+                    proc, parent = connect(self.remote[rank], self.authkey, (
+                        rank, self.world_size, self.names, self.timeout, self.ttp, env, self.log_level, None),
+                        self.timeout)
+                    self.procs.append(proc)
+                    self.conns.append(parent)
+                    continue
                 parent, child = mp.Pipe(duplex=True)
                 enclave = deal.for_party(rank, self.timeout) if deal is not None and rank < self.world_size else None
                 proc = mp.Process(target=_pool_party, name=f"privml-pool-{all_names[rank]}", daemon=True,

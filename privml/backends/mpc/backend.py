@@ -59,7 +59,8 @@ class MPCBackend:
     :class:`privml.parties.dealer.EnclaveDealer` or a launched enclave) takes them from the attested
     enclave (provider "ENCLAVE"). ``timeout`` bounds every wait on another
     party (a dead or silent party raises ``PartyFailure``); ``deadline`` bounds a whole call (parties stuck in
-    local work, which no per-wait timeout sees).
+    local work, which no per-wait timeout sees). ``remote`` / ``authkey`` / ``master_addr``: parties on other
+    machines (:mod:`privml.parties.remote`), for started sessions.
     """
 
     name = "mpc"
@@ -67,7 +68,8 @@ class MPCBackend:
     def __init__(self, plan: Any = None, parties: int = 2, data_party: int = 0, weight_party: int | None = 1,
                  output_party: int | None = None, timeout: float = 120.0, ttp: bool = False,
                  range_margin: float = 2.0, dealer: str = "tfp", enclave: Any = None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, remote: dict[int, str] | None = None, authkey: bytes | None = None,
+                 master_addr: str | None = None) -> None:
         if not isinstance(parties, int) or parties < 2:
             raise InvalidInput(f"privml: the mpc backend needs parties >= 2, got {parties!r}")
         for what, r in (("data_party", data_party), ("weight_party", weight_party), ("output_party", output_party)):
@@ -90,6 +92,7 @@ class MPCBackend:
             from privml.parties.dealer import EnclaveDealer
 
             self.enclave_dealer = EnclaveDealer.coerce(enclave)
+        self.remote, self.authkey, self.master_addr = dict(remote or {}), authkey, master_addr
         self.runs: list[dict[str, Any]] = []
         self.pool: Any = None  # a PartyPool while the session is started (parties stay up between calls)
         self.range_notes = check_fixed_point(plan, margin=range_margin) if plan is not None else []
@@ -102,7 +105,8 @@ class MPCBackend:
 
         if self.pool is None:
             self.pool = PartyPool(self.parties, timeout=self.timeout, roles=self.roles, ttp=self.ttp,
-                                  dealer=self.enclave_dealer, deadline=self.deadline)
+                                  dealer=self.enclave_dealer, deadline=self.deadline, remote=self.remote,
+                                  authkey=self.authkey, master_addr=self.master_addr)
         self.pool.start()
 
     def close(self) -> None:

@@ -139,6 +139,9 @@ class Program:
         pool = getattr(b, "pool", None)
         if pool is not None:  # a started session: its parties stay up between calls
             results = pool.run(replay_party, (skeleton,), rank_args=rank_args)
+        elif getattr(b, "remote", None):
+            raise InvalidInput("privml: parties on other machines (remote=) serve started sessions only: use "
+                               "`with privml.Session(plan, remote=..., authkey=...) as s:` or s.start()")
         else:
             results = run_parties(replay_party, b.parties, (skeleton,), timeout=b.timeout, ttp=b.ttp,
                                   roles=b.roles, rank_args=rank_args, dealer=getattr(b, "enclave_dealer", None),
