@@ -149,7 +149,7 @@ class PartyPool:
         try:
             for rank in range(n):
                 if rank in self.remote:  # a party host on another machine (privml.parties.remote)
-                    from privml.parties.remote import connect
+                    from privml.parties.remote_link import connect
 
                     proc, parent = connect(self.remote[rank], self.authkey, (
                         rank, self.world_size, self.names, self.timeout, self.ttp, env, self.log_level, None),
