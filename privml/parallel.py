@@ -403,6 +403,13 @@ class ParallelServer:
         """Evaluate the model on a serialized encrypted batch; returns the serialized encrypted result."""
         if self._pg is None or self._broken:
             raise PartyFailure("privml: this ParallelServer is closed (or lost a worker): start a new one")
+        dead = [r for r, p in self._procs.items() if not p.is_alive()]
+        if dead:  # died between requests: say so now (gloo may accept a send to it and wait out the timeout)
+            self._broken = True
+            failure = PartyFailure(f"privml: worker {dead[0]} {_describe_exit(self._procs[dead[0]].exitcode)} "
+                                   "before the request")
+            self.close()
+            raise failure
         shards = split_request(request, self._server.runtime, self.workers)
         ranks = list(range(1, len(shards) + 1))
         deadline = time.monotonic() + self.timeout
