@@ -47,6 +47,7 @@ def test_ckks_multi_ciphertext_strided_conv_pool_linear_matches_torch() -> None:
     assert torch.allclose(y, ref, atol=1e-3 * float(ref.abs().max()) + 1e-4), (y - ref).abs().max()
 
 
+@pytest.mark.slow  # ~16 s; hybrid residuals also run in test_hybrid (SmallResNet)
 def test_hybrid_residual_block_with_stride_spanning_ciphertexts_matches_torch() -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8, 16, stride=2),

@@ -213,6 +213,7 @@ THREE_PARTY_CASES = ["linear_private_w", "conv_private_w", "relu", "max_pool", "
                      "polyval_domain", "avg_pool", "softmax"]
 
 
+@pytest.mark.slow  # ~13 s; three parties also run in test_mpc_launcher and test_mpc_costs
 def test_ops_match_torch_three_parties() -> None:
     results = run_parties(all_ops_party, 3, (THREE_PARTY_CASES,), timeout=60)
     for r in results:
@@ -393,6 +394,7 @@ def test_reference_models_end_to_end(name: str) -> None:
     torch.testing.assert_close(y, expected, atol=5e-3 * scale, rtol=1e-3)
 
 
+@pytest.mark.slow  # ~13 s: a fresh interpreter runs a whole session
 def test_session_never_loads_crypten_in_the_calling_process() -> None:
     """CrypTen (and its global state) lives only in the party processes, even while a Session runs."""
     import subprocess

@@ -121,6 +121,7 @@ def test_wrong_authkey_and_bad_addresses_are_refused(hosts):
     assert "refused a connection" in " ".join(h0.lines) or len(h0.lines) >= 1
 
 
+@pytest.mark.slow  # ~14 s; a local party killed mid-job runs in test_mpc_pool
 def test_a_remote_party_killed_during_a_job_is_a_party_failure(hosts):
     key, (h0, h1) = hosts
     pool = PartyPool(2, remote={0: h0.address, 1: h1.address}, authkey=key, timeout=10.0)

@@ -95,6 +95,7 @@ def test_data_owner_and_model_owner_hold_only_their_own_plaintext(tmp_path) -> N
     assert "party 1" in result.who_held_what()
 
 
+@pytest.mark.slow  # ~14 s; owners in two parties: test_data_owner_and_model_owner_hold_only_their_own_plaintext
 def test_two_hospitals_and_a_model_owner_three_parties() -> None:
     sources = {0: functools.partial(hospital_rows, 0, 5), 1: functools.partial(hospital_rows, 5, 12)}
     result = evaluate(BreastCancerMLP, data_sources=sources, weight_source=(2, owner_state), output_party="owners",
@@ -137,6 +138,7 @@ def test_dead_party_fails_fast() -> None:
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow  # ~13 s; a silent party is caught by the same timeout in test_mpc_launcher
 def test_silent_party_fails_within_timeout() -> None:
     start = time.monotonic()
     with pytest.raises(PartyFailure, match="party 1 .*stopped answering"):

@@ -180,6 +180,7 @@ def test_client_refuses_forged_responses_and_other_plans(bundle, service, monkey
         privml.Client(_url(service), other.plan).infer(x[:1])
 
 
+@pytest.mark.slow  # ~25 s: a worker process killed and restarted
 def test_a_dead_worker_is_restarted_and_its_clients_upload_again(bundle, service):
     import psutil
 
