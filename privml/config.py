@@ -228,6 +228,9 @@ class CKKSConfig(CompileConfig):
                                 choices=("auto", "direct", "few"))
     max_context_mb: float | None = option(None, "cap on the public context (MB): fewer Galois keys, missing "
                                           "rotations composed from the rest (default: up to 4 log2 N keys)", min=1)
+    fusion: str = option("auto", "where two position-mixing linear maps meet (a pooling before a conv): auto "
+                         "(fuse or apply apart by predicted seconds; the plan's fusion table), always, never",
+                         choices=("auto", "always", "never"))
     simulate_noise: bool = option(False, "with validation: also predict accuracy under simulated CKKS noise")
 
     @property
@@ -378,7 +381,7 @@ class MPCSessionConfig(SessionConfig):
 class HybridSessionConfig(SessionConfig):
     backend: ClassVar[str] = "hybrid"
     session_only: ClassVar[tuple[str, ...]] = ("min_flood_security_bits", "min_mask_bits", "min_relu_mask_bits",
-                                               "require_refresh_flooding")
+                                               "require_refresh_flooding", "memory_limit")
 
     enclave: Any = option(None, "the enclave: an EnclaveProcess (or anything with address, root_certificate and "
                           "region), or None to launch a simulated one for this session", cli=False)
@@ -391,6 +394,9 @@ class HybridSessionConfig(SessionConfig):
                          "(False: DecryptionBudgetExhausted)")
     plaintext_cache_gb: float = option(2.5, "memory for encoded weight diagonals kept between calls (GB); beyond it "
                                        "they are re-encoded each call", min=0)
+    memory_limit: float | None = option(None, "GB this session may use (its process, and the enclave it launches "
+                                        "when enclave=None): a plan predicted to need more is refused before key "
+                                        "generation; encoded diagonals beyond it are re-encoded each call", min=0)
     min_flood_security_bits: int = option(30, "refuse plans flooding at fewer bits of statistical security", min=30)
     min_mask_bits: int = option(16, "refuse plans blinding pure refreshes with smaller additive masks", min=1)
     min_relu_mask_bits: int = option(1, "refuse plans whose exact-ReLU masks span less than 2^this", min=0)

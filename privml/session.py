@@ -73,13 +73,15 @@ class Session:
         self.last_out_of_range: list[int] = []
         cache = self._memory_budget(plan)
         backend_options = self.config.backend_options()
+        if cache is not None and plan.backend == "hybrid":  # the backend encodes with its cache size at provisioning
+            backend_options["plaintext_cache_gb"] = min(cache / 1e9, self.config.plaintext_cache_gb)
         if keys is not None:  # a CKKSContext with its secret key (Session.from_keys)
             if plan.backend != "ckks":
                 raise InvalidInput(f"privml: saved keys are for CKKS sessions; a {plan.backend} session makes its "
                                    "own (hybrid keys are provisioned to the enclave afresh for every session)")
             backend_options["context"] = keys
         self.backend = load_backend(plan.backend).make_backend(plan, **backend_options)
-        if cache is not None:
+        if cache is not None and plan.backend == "ckks":
             self.backend.ctx.cache_bytes = cache
 
     @classmethod
@@ -137,13 +139,19 @@ class Session:
         params = CKKSParams.from_dict(plan.params["ckks"])
         keys = memory.key_bytes(params, len(plan.params.get("rotation_steps", [])))
         fixed = keys + int(cts_gb * 1e9) + memory.PROCESS_BASE_BYTES
+        enclave = ""
+        if plan.backend == "hybrid" and getattr(self.config, "enclave", None) is None:  # the session launches it
+            own = memory.enclave_bytes(params)
+            fixed += own
+            enclave = f", its enclave process {own / 1e9:.2f} GB"
         plaintexts = int(pts_gb * 1e9)
         if fixed > limit * 1e9:
             raise MemoryLimitExceeded(
                 f"privml: this plan needs about {fixed / 1e9:.2f} GB before caching any weight (keys "
                 f"{keys / 1e9:.2f} GB, ciphertexts {cts_gb:.2f} GB, process "
-                f"{memory.PROCESS_BASE_BYTES / 1e9:.2f} GB), over memory_limit={limit:g} GB: raise the limit, or "
-                "recompile with a smaller ring or fewer keys (lower precision_bits, max_context_mb=)")
+                f"{memory.PROCESS_BASE_BYTES / 1e9:.2f} GB{enclave}), over memory_limit={limit:g} GB: raise the "
+                "limit, or recompile with a smaller ring or fewer keys (lower precision_bits, max_context_mb=)"
+                + (", or fewer levels between refreshes (refresh_depth=)" if plan.backend == "hybrid" else ""))
         room = int(limit * 1e9) - fixed
         if plaintexts > room:
             warnings.warn(f"privml: the plan's encoded diagonals ({plaintexts / 1e9:.2f} GB) do not fit "

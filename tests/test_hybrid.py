@@ -26,6 +26,7 @@ from privml.errors import (
     InvalidInput,
     KeyMaterialError,
     MalformedInput,
+    MemoryLimitExceeded,
     PartyFailure,
 )
 
@@ -97,6 +98,29 @@ def test_mlp_matches_clear_within_the_plan_bound_and_audits(mlp_plan):
     ops = [e["op"] for e in log]
     assert "provision" in ops and ops.count("refresh") >= 1
     assert "sign" in trust and "compromised" in trust
+
+
+def test_memory_limit_refuses_before_keys_or_streams_the_diagonals(mlp_plan):
+    model, compiled, x = mlp_plan
+    p = compiled.plan.params
+    mem = p["memory_gb"]
+    assert set(mem) == {"keys", "plaintexts", "ciphertexts", "base", "total"} and mem["plaintexts"] > 0
+    assert p["public_context_mb"] > 0
+    with pytest.raises(MemoryLimitExceeded, match="memory_limit=0.1 GB"):
+        privml.Session(compiled.plan, memory_limit=0.1)
+    with pytest.raises(MemoryLimitExceeded, match="enclave process"):  # the session would launch its enclave
+        privml.Session(compiled.plan, memory_limit=mem["keys"] + mem["ciphertexts"] + mem["base"])
+    from privml.he import memory
+    from privml.he.params import CKKSParams
+
+    enclave = memory.enclave_bytes(CKKSParams.from_dict(p["ckks"])) / 1e9
+    limit = mem["keys"] + mem["ciphertexts"] + mem["base"] + enclave + 0.5 * mem["plaintexts"]
+    with pytest.warns(UserWarning, match="re-encoded"):
+        session = privml.Session(compiled.plan, memory_limit=limit)
+    with session as s:
+        assert s.backend.cache_bytes < mem["plaintexts"] * 1e9
+        y = s.decrypt(compiled(s.encrypt(x[:2])))
+    assert (y - model(x[:2])).abs().max() <= p["hybrid"]["output_error_bound"]
 
 
 def test_refresh_round_trip_restores_the_top_level(mlp_plan):

@@ -9,9 +9,11 @@ in one run, on the same weights and images:
 
 - latency layout, one image per request: the baseline plan (``precision_bits=14``: N=16384, one Galois key per
   rotation step, as the demo compiled it before) and the demo's plan now (``precision_bits=6``: N=8192, the key
-  set of fewest key switches plus keys). Reported: warm seconds per image (first image apart: it encodes the
-  weight diagonals), the public context's bytes (real, and as the plan predicts them), key switches, logit
-  error against the clear compiled model.
+  set of fewest key switches plus keys), and the demo's plan with every position-mixing pair of linear maps
+  applied apart (``fusion="never"``) next to the planner's choice. Reported: warm seconds per image (first image
+  apart: it encodes the weight diagonals) next to the plan's predicted linear work, the public context's bytes
+  (real, and as the plan predicts them), key switches, logit error against the clear compiled model, and the
+  plan's fusion decisions.
 - throughput layout on the whole 450-image test split in one batch: one feature per ciphertext (the baseline)
   vs ``batch_size=450`` (lanes of 512 slots: 16 features per ciphertext at N=16384). Reported: seconds for the
   batch and per image, accuracy, and the plan's predicted peak memory next to the measured peak RSS.
@@ -62,7 +64,10 @@ def latency(tuned: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor, label:
     print(f"latency  {label:<34} N={p['poly_modulus_degree']:<5} depth {p['depth']:<2} keys "
           f"{len(p['rotation_steps']):<3} ({p['key_mode']}) key switches {p['key_switches']:<4} context "
           f"{ctx_mb:7.1f} MB (plan {p['public_context_mb']:.1f}) | first {times[0]:.2f} s, warm median "
-          f"{warm:.3f} s/image | max logit err {err:.3g}", flush=True)
+          f"{warm:.3f} s/image (plan: linear work {p['predicted_seconds']:.3f} s) | max logit err {err:.3g}",
+          flush=True)
+    for row in p["fusion"]:  # the planner's decision where two position-mixing maps meet
+        print(f"         fusion at {row['op']} after {row['pending']}: {row['chosen']} ({row['why']})", flush=True)
 
 
 def throughput(tuned: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, label: str,
@@ -101,6 +106,7 @@ def main() -> None:
         latency(tuned, calib, x, "baseline: precision 14, a key a step", args.images, precision_bits=14,
                 rotation_keys="direct")
     latency(tuned, calib, x, "demo: precision 6", args.images, precision_bits=6)
+    latency(tuned, calib, x, "demo, fusion='never' (maps apart)", args.images, precision_bits=6, fusion="never")
     latency(tuned, calib, x, "precision 14 (N=16384)", args.images, precision_bits=14)
     if not args.skip_baseline:
         throughput(tuned, calib, x, y, "baseline: one feature per ct")

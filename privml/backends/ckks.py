@@ -162,7 +162,7 @@ class Runtime:
     ``packing.n_cts`` ciphertexts; in the throughput layout ``packing.n_cts`` ciphertexts for the batch."""
 
     def __init__(self, ctx: Any, layout: str, expansion: Any = None, key_mode: str = "direct",
-                 lanes: int | None = None) -> None:
+                 lanes: int | None = None, split_before: frozenset[str] = frozenset()) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
         self.ctx = ctx
@@ -170,8 +170,37 @@ class Runtime:
         self.lanes = lanes  # throughput layout: samples per unit (None: every slot, one feature per ciphertext)
         self.expansion = expansion  # privml.he.expansion.InputExpansion for the first layer (latency only)
         self.key_mode = key_mode
+        self.split_before = frozenset(split_before)  # ops applied on their own, not fused into a pending map
+        self.fusion_points: dict[str, str] = {}  # op -> the pending mixing map it met (the planner's choices)
+        self.mixing_steps: dict[str, int] = {}  # op -> position-mixing maps it applied (1, or 2: more; a dry run
+        # routes one pass)
+        self._mixing: dict[tuple, bool] = {}
         self._affine_cache: dict[tuple, tuple[sp.csr_matrix, np.ndarray, tuple[int, ...]]] = {}
         self._matvec_cache: dict[tuple, Any] = {}
+
+    def _mixes(self, affine: Affine) -> bool:
+        """Whether ``affine`` moves values between positions (a conv, pool, linear), not only scales them."""
+        hit = self._mixing.get(affine.key)
+        if hit is None:
+            w = affine.weight
+            rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+            hit = self._mixing[affine.key] = w.shape[0] != w.shape[1] or bool((w.indices != rows).any())
+        return hit
+
+    def fuses(self, pending: Affine | None, step: Affine) -> bool:
+        """Whether ``step`` is composed into ``pending`` (one level, the product's diagonals) or ``pending`` is
+        applied first (two levels, each map's own diagonals): the plan's ``split_before`` decides where both
+        maps mix positions; the rest (scales, biases, BatchNorm) always fuse. ``mixing_steps`` counts the
+        position-mixing maps per op name: a split is named by its op, so only a name holding one map can be split."""
+        if not self._mixes(step):
+            return True
+        name = step.names[-1]
+        if len(self.mixing_steps) < 1 << 16:  # a bounded table, whatever the model calls
+            self.mixing_steps[name] = min(self.mixing_steps.get(name, 0) + 1, 2)
+        if pending is None or not self._mixes(pending):
+            return True
+        self.fusion_points.setdefault(name, "+".join(dict.fromkeys(pending.names)))
+        return name not in self.split_before
 
     @property
     def slots(self) -> int:
@@ -291,6 +320,12 @@ class Runtime:
         return min(self.ctx.level(ct) for ct in payload)
 
 
+class Level(int):
+    """A dry run's payload: the levels a ciphertext used. One object per ciphertext result, as the real payloads
+    are: the tensor tells "the same ciphertexts" from "others at the same level" by identity (``_binary``), and
+    CPython shares the objects of small plain ints."""
+
+
 class DryRuntime(Runtime):
     """Same routing, no keys: the payload is the number of levels used so far (an int).
 
@@ -298,8 +333,12 @@ class DryRuntime(Runtime):
     need, and a log of which fused ops consumed which level.
     """
 
-    def __init__(self, layout: str, slots: int = 1 << 14, key_mode: str = "direct", lanes: int | None = None) -> None:
-        super().__init__(None, layout, key_mode=key_mode, lanes=lanes)
+    def __init__(self, layout: str, slots: int = 1 << 14, key_mode: str = "direct", lanes: int | None = None,
+                 split_before: frozenset[str] = frozenset()) -> None:
+        super().__init__(None, layout, key_mode=key_mode, lanes=lanes, split_before=split_before)
+        self.mults = 0  # ciphertext-plaintext products per forward pass
+        self.rotations_at: dict[int, int] = {}  # levels used -> rotations there (the planner's time prediction)
+        self.mults_at: dict[int, int] = {}  # levels used -> ciphertext-plaintext products there
         self._slots = slots
         self.depth = 0
         self.rotation_steps: set[int] = set()
@@ -316,16 +355,16 @@ class DryRuntime(Runtime):
     def slots(self) -> int:
         return self._slots
 
-    def _note(self, names: str, op: str, cost: int, after: int) -> int:
+    def _note(self, names: str, op: str, cost: int, after: int) -> Level:
         self.depth = max(self.depth, after)
         self.log.append((names, op, cost, after))
-        return after
+        return Level(after)
 
-    def encrypt(self, x: torch.Tensor) -> int:
+    def encrypt(self, x: torch.Tensor) -> Level:
         self.min_slots = max(self.min_slots, max(x.shape[0], self.lanes or 1) if self.layout == "throughput" else
                              int(self.expansion.index.size) if self.expansion is not None else 1)
         self.batch = int(x.shape[0])
-        return 0
+        return Level(0)
 
     def apply_affine(self, payload: int, affine: Affine, src: Packing, out_shape: tuple[int, ...],
                      dst: Packing | None = None) -> tuple[int, Packing]:
@@ -342,11 +381,16 @@ class DryRuntime(Runtime):
             for step, count in mv.rotation_uses().items():
                 self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * times
             self.plaintexts += mv.plaintext_count
+            self.mults += int(mv.mult_count) * times
+            self.mults_at[payload] = self.mults_at.get(payload, 0) + int(mv.mult_count) * times
+            self.rotations_at[payload] = self.rotations_at.get(payload, 0) + int(mv.rotation_count) * times
             self.plaintexts_at[payload] = self.plaintexts_at.get(payload, 0) + mv.plaintext_count
             live = (mv.baby_count + mv.n_in_cts + mv.n_out_cts) * times
             self.live_at[payload] = max(self.live_at.get(payload, 0), live)
         else:  # one feature per ciphertext: every input and output ciphertext of the layer at once
             self.live_at[payload] = max(self.live_at.get(payload, 0), src.n_cts + dst.n_cts)
+            self.mults += int(affine.weight.nnz)
+            self.mults_at[payload] = self.mults_at.get(payload, 0) + int(affine.weight.nnz)
         self.live_at[payload + 1] = max(self.live_at.get(payload + 1, 0), 2 * dst.n_cts * times)  # out + activation
         return self._note(names, "linear", 1, payload + 1), dst
 
@@ -369,10 +413,10 @@ class DryRuntime(Runtime):
             self.fresh_maps.add(("non-affine",))
         return self._note(current_module() or "", "square", 1, a + 1)
 
-    def add(self, a: int, b: int, negate_b: bool = False) -> int:
+    def add(self, a: int, b: int, negate_b: bool = False) -> Level:
         if 0 in (a, b):
             self.fresh_maps.add(("non-affine",))
-        return max(a, b)
+        return Level(max(a, b))
 
     def levels_left(self, payload: int) -> int:
         return 10**6
@@ -473,6 +517,8 @@ def _affine(func: object, types: tuple, args: tuple, kwargs: dict) -> CKKSTensor
     key = (op_name(func), _arg_key(args), _arg_key(kwargs), sample_shape)
     w, b, out_shape = x.runtime.affine_of(key, (func, args, kwargs, x, per_sample), sample_shape)
     step = Affine(w, b, (key,), (current_module() or op_name(func),))
+    if not x.runtime.fuses(x.pending, step):
+        x = x.materialized()
     pending = step if x.pending is None else x.pending.then(step)
     return type(x)(x.payload, (x.shape[0], *out_shape), x.dtype, runtime=x.runtime, pending=pending,
                    packing=x.packing)
@@ -751,7 +797,7 @@ class CKKSBackend:
         self.ctx = context if context is not None else CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
-                               lanes=plan.params.get("lanes"))
+                               lanes=plan.params.get("lanes"), split_before=split_before_of(plan))
         self.sent_batches: set[int] = set()  # batch sizes this client encrypted: a result must have one of them
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
@@ -856,7 +902,7 @@ class CKKSServer:
                                    "session.public_context() instead")
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
-                               lanes=plan.params.get("lanes"))
+                               lanes=plan.params.get("lanes"), split_before=split_before_of(plan))
 
     def warm(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
         """Encode ``model``'s weight diagonals now, by running it once on an encryption of zeros (the public key
@@ -886,14 +932,23 @@ def make_backend(plan: Any, context: Any = None, **_: Any) -> CKKSBackend:
     return CKKSBackend(plan, context)
 
 
+def split_before_of(plan: Any) -> frozenset[str]:
+    """The ops the plan applies on their own instead of fusing them into the pending linear map."""
+    names = plan.params.get("split_before", [])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise MalformedInput(f"privml: the plan's split_before must be a list of op names, got {names!r}")
+    return frozenset(names)
+
+
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,
             input_expansion: bool = True, slots: int = 1 << 14, expansion: Any = None,
-            lanes: int | None = None, key_mode: str = "direct") -> DryRuntime:
+            lanes: int | None = None, key_mode: str = "direct", split_before: frozenset[str] = frozenset()
+            ) -> DryRuntime:
     """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs at ``slots``.
 
     With ``input_expansion`` the first linear layer may run on a client-side expansion of the input
     (:mod:`privml.he.expansion`); the model is then routed a second time with it."""
-    rt = DryRuntime(layout, slots=slots, lanes=lanes, key_mode=key_mode)
+    rt = DryRuntime(layout, slots=slots, lanes=lanes, key_mode=key_mode, split_before=split_before)
     rt.expansion = expansion
     shape = (batch, *input_shape)
     x = CKKSTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
@@ -910,5 +965,5 @@ def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, b
         found = plan_expansion(first.toarray(), slots=rt.slots)
         if found is not None:
             return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found, lanes=lanes,
-                           key_mode=key_mode)
+                           key_mode=key_mode, split_before=split_before)
     return rt

@@ -233,8 +233,12 @@ class HybridDryRuntime(Runtime):
         self.carry = carry_noise  # refreshes not flooded: the key-dependent noise stays in the message
         self.composed = composed  # key switches per rotation at worst (compositions from the chosen keys)
         self.plaintexts = 0  # encoded diagonals the block products cache (one forward pass)
+        self.plaintexts_at: dict[int, int] = {}  # SEAL level -> plaintexts encoded there (memory prediction)
+        self.live_at: dict[int, int] = {}  # SEAL level -> most ciphertexts alive at once there
         self.rotation_uses: dict[int, int] = {}  # rotation step -> rotations by it per forward pass
         self.mults = 0  # ciphertext-plaintext products per batch
+        self.rotations_at: dict[int, int] = {}  # SEAL level -> rotations there (the planner's time prediction)
+        self.mults_at: dict[int, int] = {}  # SEAL level -> ciphertext-plaintext products there
 
     @property
     def slots(self) -> int:
@@ -256,9 +260,13 @@ class HybridDryRuntime(Runtime):
             return Track(k, t.noise, t.error, t.cts)  # recorded in max_need; the planner refuses this segment
         where = current_module() or "(output: a pending linear map)"
         self.refreshes.append(RefreshPoint(where, "refresh", t.noise, self._count(t.cts)))
+        self._live(self.segment + FLOOR, 2 * self._count(t.cts))  # masked copies and their fresh replacements
         # the masked values pass through float64 (decode, flood, encode, subtract): a few ulps of |x + m|
         fresh = self.noise.fresh + (t.noise if self.carry else 0.0)
         return Track(self.segment, fresh, math.hypot(t.error, self.sigma) + self.mask_error, t.cts)
+
+    def _live(self, level: int, n: int) -> None:
+        self.live_at[level] = max(self.live_at.get(level, 0), n)
 
     def _note(self, names: str, op: str, cost: int, t: Track) -> None:
         self.log.append((names, op, cost, self.segment - t.levels))
@@ -279,23 +287,31 @@ class HybridDryRuntime(Runtime):
             steps: set[int] = set()
             uses: dict[int, int] = {}
             rotations = babies = giants = plaintexts = 0
+            live = src.n_cts + dst.n_cts  # one feature per ciphertext: every input and output at once
             if not (self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1):
                 mv = build_matvec(affine, src, dst, self.slots, None, self.key_mode)  # costed, not kept
                 steps, rotations, uses = mv.rotation_steps(), int(mv.rotation_count), mv.rotation_uses()
                 chain, giants, terms = mv.noise_shape()
                 babies = chain
                 plaintexts, nnz = int(mv.plaintext_count), int(mv.mult_count)
+                live = int(mv.baby_count + mv.n_in_cts + mv.n_out_cts)
             hit = self._mv_cache[key] = (inf_norm(w), spectral_norm(w), steps, rotations, babies, giants, terms,
-                                         plaintexts, nnz, uses)
-        norm, spec, steps, rotations, babies, giants, terms, plaintexts, nnz, uses = hit
+                                         plaintexts, nnz, uses, live)
+        norm, spec, steps, rotations, babies, giants, terms, plaintexts, nnz, uses, live = hit
+        times = self.batch if self.layout == "latency" else 1
+        level = t.levels + FLOOR  # the SEAL level the product's input and plaintexts are at
+        self.plaintexts_at[level] = self.plaintexts_at.get(level, 0) + plaintexts
+        self._live(level, live * times)
+        self._live(level - 1, 2 * dst.n_cts * times)  # output + activation
         babies, giants = babies * self.composed, giants * self.composed  # composed rotations: several key switches
         self.rotation_steps |= steps
         for step, count in uses.items():
-            self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * (self.batch if self.layout ==
-                                                                                   "latency" else 1)
-        self.rotations += rotations * (self.batch if self.layout == "latency" else 1)
+            self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * times
+        self.rotations += rotations * times
         self.plaintexts += plaintexts
-        self.mults += nnz * (self.batch if self.layout == "latency" else 1)
+        self.mults += nnz * times
+        self.rotations_at[level] = self.rotations_at.get(level, 0) + rotations * times
+        self.mults_at[level] = self.mults_at.get(level, 0) + nnz * times
         out = Track(t.levels - 1, self.noise.affine(t.noise, norm, babies, giants, terms, self.bound), spec * t.error,
                     dst.n_cts)
         self._note("+".join(dict.fromkeys(affine.names)), "linear", 1, out)
@@ -337,6 +353,7 @@ class HybridDryRuntime(Runtime):
         t = self.fit(payload, 1)
         masked = self.noise.scalar(t.noise, self.relu_range, self.bound)
         self.refreshes.append(RefreshPoint(current_module() or "", "relu", masked, self._count(t.cts)))
+        self._live(self.segment + FLOOR, 2 * self._count(t.cts))
         self.max_need = max(self.max_need, 1)
         carried = t.noise if self.carry else 0.0  # relu is 1-Lipschitz: carried noise passes at most unchanged
         out = Track(self.segment - 1, self.noise.scalar(self.noise.fresh, 1.0, self.relu_range * self.bound) + carried,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,34 @@ def mpc_poly_cost(degree: int) -> tuple[int, int]:
     return rounds, nbytes
 
 
+# CKKS time per ciphertext op, measured on this machine (2 cores, SEAL via TenSEAL, one thread): a rotation (key
+# switch) at N=8192 with 8 data primes 11.6 ms (N=16384: 31.6 ms with 9 primes, 12.3 ms with 5; N=8192 with 3:
+# 2.5 ms), so ~ N x primes^1.6; a ciphertext x plaintext product 0.59 ms at N=8192 with 8 primes, ~ N x primes.
+CKKS_HEADROOM = 2.0  # CKKS plans multiply the largest calibrated |value| by this before sizing the first prime
+ROTATION_S = 11.6e-3 / (8192 * 8**1.6)
+PT_MULT_S = 0.59e-3 / (8192 * 8)
+
+
+def ckks_seconds(poly_modulus_degree: int, work: dict[int, tuple[float, float]]) -> float:
+    """Predicted seconds of a forward pass's linear work: ``work`` maps the data primes a ciphertext has when
+    the work is done (its level + 1) to (key switches, ciphertext x plaintext products) done there."""
+    n = poly_modulus_degree
+    return sum((ks * ROTATION_S * p**1.6 + prod * PT_MULT_S * p) * n for p, (ks, prod) in work.items() if p > 0)
+
+
+def level_work(rotations_at: dict[int, int], products_at: dict[int, int], key_switches: int,
+               primes: Any) -> dict[int, tuple[float, float]]:
+    """``ckks_seconds``'s work from a dry run's rotations and products per level key (``primes(key)``: the data
+    primes there); ``key_switches`` (compositions counted) is spread over the levels like the rotations."""
+    per_rotation = key_switches / max(1, sum(rotations_at.values()))
+    work: dict[int, tuple[float, float]] = {}
+    for key in set(rotations_at) | set(products_at):
+        p = primes(key)
+        ks, prod = work.get(p, (0.0, 0.0))
+        work[p] = (ks + rotations_at.get(key, 0) * per_rotation, prod + products_at.get(key, 0))
+    return work
+
+
 def ckks_mults(coeffs: np.ndarray) -> int:
     """Ciphertext products of the CKKS backend's polynomial schedule (privml.he.kernels.poly_mult_count)."""
     from privml.he.kernels import poly_mult_count
@@ -73,10 +102,9 @@ def numeric_unit(backend: str, precision_bits: int) -> float:
 
 def depth_cap(stats: dict[str, RangeStats], precision_bits: int, poly_modulus_degree: int | None) -> int:
     """Deepest CKKS chain at 128-bit security for these values (what plan_ckks can still give)."""
-    from privml.compiler.he_plan import HEADROOM
     from privml.he.params import HE_STANDARD_128, max_depth
 
-    max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
+    max_abs = max((st.abs_max for st in stats.values()), default=1.0) * CKKS_HEADROOM
     n = poly_modulus_degree or max(HE_STANDARD_128)
     return max(0, max_depth(precision_bits, max(max_abs, 1e-6), n))
 

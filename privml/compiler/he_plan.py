@@ -6,39 +6,53 @@ with no ciphertexts, so the depth the plan states is the depth the backend consu
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Any
+
 import torch.fx as fx
 
 from privml.compiler.calibrate import RangeStats
+from privml.compiler.costs import CKKS_HEADROOM as HEADROOM
+from privml.compiler.costs import ckks_seconds, level_work
 from privml.compiler.plan import Plan
-from privml.errors import BudgetError, DepthExhausted
+from privml.errors import BudgetError, DepthExhausted, PrivmlError
 from privml.tensor import module_scope
 
 KEY_COST = 1.0  # a Galois key is worth keeping if it saves this many key switches per forward pass
-HEADROOM = 2.0  # multiply the largest calibrated |value| by this before sizing the first prime
+FUSION_MARGIN = 0.9  # apply two maps apart only when that is predicted at least 10% faster than fused
 
 
-def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layout: str = "latency",
-              precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
-              coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True,
-              batch_size: int | None = None, max_context_mb: float | None = None,
-              rotation_keys: str = "auto") -> None:
-    """Fill ``plan.params`` (CKKS parameters, rotation steps, layout) and the per-layer levels.
+@dataclass
+class _Routed:
+    """One way of running the model: its parameters, keys and dry run, and the predicted seconds per call."""
 
-    ``batch_size`` (throughput layout): pack for batches of at most that many samples. Below half the
-    slots each feature takes ``lanes`` = the next power of two slots, so one ciphertext holds slots/lanes
-    features (450 samples: 16 features per ciphertext at N=16384 instead of one) and linear maps become
-    block diagonal products between fewer ciphertexts. ``max_context_mb`` caps the public context: fewer
-    Galois keys, the missing rotations composed from the others (more key switches, stated in the plan)."""
+    split: frozenset[str]
+    params: Any
+    rt: Any
+    lanes: int | None
+    key_mode: str
+    steps: list[int]
+    switches: int
+    seconds: float
+
+
+def _route(gm: fx.GraphModule, plan: Plan, layout: str, split: frozenset[str], max_abs: float, precision_bits: int,
+           poly_modulus_degree: int | None, scale_bits: int | None, coeff_mod_bit_sizes: tuple[int, ...] | None,
+           input_expansion: bool, batch_size: int | None, max_context_mb: float | None,
+           rotation_keys: str) -> _Routed:
+    """Dry-run the model with the linear maps ``split`` apart, size its parameters and choose its Galois keys."""
     from privml.backends.ckks import dry_run
+    from privml.he import memory
     from privml.he.params import choose_params
 
     lanes = None
     if layout == "throughput" and batch_size is not None:
         lanes = 1 << max(0, int(batch_size) - 1).bit_length()
+    run = dict(input_expansion=input_expansion, split_before=split)
     with module_scope(gm):
-        rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion, lanes=lanes)
+        rt = dry_run(gm, plan.input_shape, layout, lanes=lanes, **run)
     breakdown = [(names, cost) for names, _, cost, _ in rt.log]
-    max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
     try:
         params = choose_params(rt.depth, max_abs_value=max_abs, precision_bits=precision_bits,
                                min_slots=rt.min_slots if layout == "throughput" else 1,
@@ -51,17 +65,14 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
         lanes = None  # one feature per ciphertext is as good when a batch fills more than half the slots
     if params.poly_modulus_degree // 2 != rt.slots or lanes is None:  # packings and steps depend on the slots
         with module_scope(gm):
-            rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion,
-                         slots=params.poly_modulus_degree // 2, lanes=lanes)
-    from privml.he import memory
-
+            rt = dry_run(gm, plan.input_shape, layout, slots=params.poly_modulus_degree // 2, lanes=lanes, **run)
     max_keys = None if max_context_mb is None else memory.keys_within(params, max_context_mb * 1e6)
     options = []  # (cost, key mode, dry run, Galois key steps, key switches per forward pass)
     for mode in ("direct", "few") if rotation_keys == "auto" else (rotation_keys,):
         if mode == "few" or rt.key_mode != mode:
             with module_scope(gm):
-                rt = dry_run(gm, plan.input_shape, layout, input_expansion=input_expansion,
-                             slots=params.poly_modulus_degree // 2, lanes=lanes, key_mode=mode)
+                rt = dry_run(gm, plan.input_shape, layout, slots=params.poly_modulus_degree // 2, lanes=lanes,
+                             key_mode=mode, **run)
         least = _min_keys(rt.rotation_uses, params.slots)
         if max_keys is not None and max_keys < least:
             options.append((None, mode, rt, least, None))
@@ -75,19 +86,88 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
                           f"{params.poly_modulus_degree} (fewest Galois keys), over max_context_mb="
                           f"{max_context_mb:g}: raise the limit, lower the depth or the precision (a smaller ring)")
     _, key_mode, rt, steps, switches = min(fitting, key=lambda o: (o[0], o[1] != "direct"))
+    primes = len(params.coeff_mod_bit_sizes) - 1  # data primes of a fresh ciphertext
+    work = level_work(rt.rotations_at, rt.mults_at, switches, lambda used: primes - used)
+    return _Routed(split, params, rt, lanes, key_mode, steps, switches, ckks_seconds(params.poly_modulus_degree, work))
+
+
+def _fusion_row(point: str, pending: str, fused: _Routed, split: _Routed | None, why: str = "") -> dict[str, Any]:
+    def side(r: _Routed) -> dict[str, Any]:
+        return {"depth": r.rt.depth, "N": r.params.poly_modulus_degree, "key_switches": r.switches,
+                "products": r.rt.mults, "plaintexts": r.rt.plaintexts, "predicted_seconds": round(r.seconds, 4)}
+
+    row = {"op": point, "pending": pending, "fused": side(fused), "split": side(split) if split else None}
+    row["chosen"] = "split" if split is not None and split.seconds < FUSION_MARGIN * fused.seconds else "fused"
+    row["why"] = why or (f"predicted {split.seconds:.3g} s split vs {fused.seconds:.3g} s fused" if split else "")
+    return row
+
+
+def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layout: str = "latency",
+              precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
+              coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True,
+              batch_size: int | None = None, max_context_mb: float | None = None,
+              rotation_keys: str = "auto", fusion: str = "auto") -> None:
+    """Fill ``plan.params`` (CKKS parameters, rotation steps, layout, fusions) and the per-layer levels.
+
+    ``batch_size`` (throughput layout): pack for batches of at most that many samples. Below half the
+    slots each feature takes ``lanes`` = the next power of two slots, so one ciphertext holds slots/lanes
+    features (450 samples: 16 features per ciphertext at N=16384 instead of one) and linear maps become
+    block diagonal products between fewer ciphertexts. ``max_context_mb`` caps the public context: fewer
+    Galois keys, the missing rotations composed from the others (more key switches, stated in the plan).
+
+    ``fusion``: where two linear maps that both move values meet (a pooling before a conv, a conv before a
+    linear), ``auto`` fuses them (one level, the product's diagonals) or applies them apart (one more level,
+    each map's own diagonals) by predicted seconds, one point at a time; ``always``/``never`` force it. The
+    plan's ``fusion`` table shows each point, both costs and the choice."""
+    from privml.he import memory
+
+    max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
+    route = functools.partial(_route, gm, plan, layout, max_abs=max_abs, precision_bits=precision_bits,
+                              poly_modulus_degree=poly_modulus_degree, scale_bits=scale_bits,
+                              coeff_mod_bit_sizes=coeff_mod_bit_sizes, input_expansion=input_expansion,
+                              batch_size=batch_size, max_context_mb=max_context_mb, rotation_keys=rotation_keys)
+    best = route(frozenset())
+    points = dict(best.rt.fusion_points)
+    several = {op for op in points if best.rt.mixing_steps.get(op, 0) != 1}  # a split is named by its op
+    table = {op: {"op": op, "pending": pend, "chosen": "fused", "why": "the op applies several position-mixing "
+                  "maps (a module called twice, or functional ops): kept fused"} for op, pend in points.items()
+             if op in several}
+    splittable = {op: pend for op, pend in points.items() if op not in several}
+    if fusion == "never" and splittable:
+        best = route(frozenset(splittable))
+        table.update({op: {"op": op, "pending": pend, "chosen": "split", "why": "fusion='never'"}
+                      for op, pend in splittable.items()})
+    elif fusion == "auto":
+        for op, pend in splittable.items():
+            try:
+                alt = route(best.split | {op})
+            except PrivmlError as err:  # one more level does not fit the limits, or the split cannot run
+                table[op] = _fusion_row(op, pend, best, None, f"split refused: {str(err)[:120]}")
+                continue
+            table[op] = _fusion_row(op, pend, best, alt)
+            if table[op]["chosen"] == "split":
+                best = alt
+    else:
+        table.update({op: {"op": op, "pending": pend, "chosen": "fused", "why": f"fusion={fusion!r}"}
+                      for op, pend in splittable.items()})
+    table = [table[op] for op in points]  # in the order the model meets them
+    params, rt, steps = best.params, best.rt, best.steps
     top = params.depth
     mem = memory.estimate(params, len(steps), {top - d: n for d, n in rt.plaintexts_at.items()},
                           {top - d: n for d, n in rt.live_at.items()})
     plan.params.update({
         "layout": layout,
-        "lanes": lanes,
+        "lanes": best.lanes,
         "ckks": params.to_dict(),
         "depth": rt.depth,
         "security_bits": params.security_bits,
         "poly_modulus_degree": params.poly_modulus_degree,
         "rotation_steps": steps,
-        "key_switches": switches,
-        "key_mode": key_mode,
+        "key_switches": best.switches,
+        "key_mode": best.key_mode,
+        "split_before": sorted(best.split),
+        "fusion": table,
+        "predicted_seconds": round(best.seconds, 4),
         "public_context_mb": round(memory.public_context_bytes(params, len(steps)) / 1e6, 1),
         "memory_gb": mem.to_dict(),
         "max_abs_value": max_abs,

@@ -20,6 +20,7 @@ from typing import Any
 import torch.fx as fx
 
 from privml.compiler.calibrate import RangeStats
+from privml.compiler.costs import ckks_seconds, level_work
 from privml.compiler.plan import Plan
 from privml.errors import BudgetError, FidelityWarning
 from privml.tensor import module_scope
@@ -30,11 +31,9 @@ MAX_SCALE_BITS = 59
 MIN_SCALE_BITS = 20
 MAX_SEGMENT = 12
 HEADROOM = 2.0
-# Measured on this machine (2 cores, SEAL via TenSEAL), per ciphertext: rotation at N=16384 with 6 primes
-# ~17 ms, ct x pt ~1.5 ms; a refresh round trip (blind, send, decrypt, flood, encrypt, return, unblind)
-# ~25 ms at N=16384 and ~9 ms at N=8192 (experiments/bench/bench_hybrid.py). Costs scale ~ N x primes.
-ROTATION_S = 17e-3 / (16384 * 6)
-PT_MULT_S = 1.5e-3 / (16384 * 6)
+# Measured on this machine (2 cores, SEAL via TenSEAL), per ciphertext: a refresh round trip (blind, send,
+# decrypt, flood, encrypt, return, unblind) ~25 ms at N=16384 and ~9 ms at N=8192; rotations and products:
+# privml.compiler.costs.ckks_seconds.
 REFRESH_S = {8192: 11e-3, 16384: 20e-3}
 ENCLAVE_SEES = {
     "refresh": "x + m with m uniform in +-2^mask_bits x value_bound per slot (each slot within statistical "
@@ -125,8 +124,7 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
     refreshes = [{"where": r.where, "mode": r.mode, "ciphertexts": r.ciphertexts, "noise_bound": r.noise,
                   "predicted_ms": round(r.ciphertexts * per_ct * 1e3, 1)}
                  for r in run.refreshes]
-    primes = len(chain) - 1
-    seconds = (switches * ROTATION_S * primes + run.mults * PT_MULT_S) * n * primes
+    seconds = ckks_seconds(n, level_work(run.rotations_at, run.mults_at, switches, lambda level: level + 1))
     seconds += sum(r.ciphertexts for r in run.refreshes) * per_ct
     err = TAIL * float(out.error)
     per_batch = sum(r["ciphertexts"] for r in refreshes)  # latency: per sample; throughput: per batch
@@ -231,4 +229,14 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
 
         rt = dry_run(gm, plan.input_shape, cfg.layout, best.segment, NoiseModel(best.n, best.scale_bits),
                      bound, cfg.relu_mask_bits, slots=best.n // 2, cache=cache)
+    from privml.he import memory
+
+    # the client's process: its keys, the weights' encoded diagonals, the ciphertexts of one forward pass (the
+    # enclave is a process of its own, which a session that launches it adds: privml.session)
+    mem = memory.estimate(params, len(best.rotation_steps), rt.plaintexts_at, rt.live_at)
+    plan.params["memory_gb"] = mem.to_dict()
+    plan.params["public_context_mb"] = round(memory.public_context_bytes(params, len(best.rotation_steps)) / 1e6, 1)
+    why = "hybrid plans fuse every pair (the refresh segments are sized with them fused)"
+    plan.params["fusion"] = [{"op": op, "pending": pend, "chosen": "fused", "why": why}
+                             for op, pend in rt.fusion_points.items()]
     _levels_into_layers(plan, rt.log)

@@ -212,7 +212,12 @@ class Plan:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         if self.params:
-            lines.append("params: " + ", ".join(f"{k}={_short(v)}" for k, v in self.params.items()))
+            lines.append("params: " + ", ".join(f"{k}={_short(v)}" for k, v in self.params.items() if k != "fusion"))
+        fusion = self.params.get("fusion") if isinstance(self.params.get("fusion"), list) else []
+        for f in fusion:  # the planner's decision at each point where two position-mixing linear maps meet
+            if isinstance(f, dict):
+                op, pending, chosen, why = (str(f.get(k, ""))[:160] for k in ("op", "pending", "chosen", "why"))
+                lines.append(f"fusion: {op} after {pending}: {chosen}" + (f" ({why})" if why else ""))
         if self.fixes:
             lines.append("fixes: " + "; ".join(self.fixes))
         if self.predicted:
