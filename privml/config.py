@@ -205,6 +205,13 @@ class PlainConfig(CompileConfig):
     backend: ClassVar[str] = "plain"
 
 
+def _fusion_option() -> Any:
+    """The ``fusion`` option of the CKKS and hybrid configs (one declaration, a field for each)."""
+    return option("auto", "where two position-mixing linear maps meet (a pooling before a conv): auto (fuse or "
+                  "apply apart by predicted seconds; the plan's fusion table), always, never",
+                  choices=("auto", "always", "never"))
+
+
 @dataclass(frozen=True)
 class CKKSConfig(CompileConfig):
     """``privml.compile(..., backend="ckks")``: approximation, packing layout and CKKS parameters."""
@@ -228,9 +235,7 @@ class CKKSConfig(CompileConfig):
                                 choices=("auto", "direct", "few"))
     max_context_mb: float | None = option(None, "cap on the public context (MB): fewer Galois keys, missing "
                                           "rotations composed from the rest (default: up to 4 log2 N keys)", min=1)
-    fusion: str = option("auto", "where two position-mixing linear maps meet (a pooling before a conv): auto "
-                         "(fuse or apply apart by predicted seconds; the plan's fusion table), always, never",
-                         choices=("auto", "always", "never"))
+    fusion: str = _fusion_option()
     simulate_noise: bool = option(False, "with validation: also predict accuracy under simulated CKKS noise")
 
     @property
@@ -290,6 +295,7 @@ class HybridConfig(CompileConfig):
     max_output_error: float | None = option(None, "largest predicted output error (6 sigma of the flooding) the "
                                             "plan may have (default: a hundredth of the calibrated output range)",
                                             min=0)
+    fusion: str = _fusion_option()
 
     @property
     def approximates(self) -> bool:

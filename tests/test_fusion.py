@@ -123,3 +123,27 @@ def test_an_op_holding_several_maps_stays_fused_and_runs(fusion) -> None:
         y = s.decrypt(compiled(s.encrypt(x)))
     ref = compiled(x)
     assert torch.allclose(y, ref, atol=1e-3 * float(ref.abs().max()) + 1e-4), (y - ref).abs().max()
+
+
+def test_hybrid_plans_price_each_point_on_their_ring_and_run_either_way() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    calib = torch.rand(32, 1, 8, 8)
+    x = torch.rand(1, 1, 8, 8)
+    for fusion in ("auto", "always"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = privml.compile(model, calib, backend="hybrid", fusion=fusion)
+        p = compiled.plan.params
+        assert [row["op"] for row in p["fusion"]] == ["3", "5"]
+        if fusion == "always":
+            assert p["split_before"] == [] and {row["chosen"] for row in p["fusion"]} == {"fused"}
+        for row in p["fusion"]:
+            if row.get("split") and not row["why"].startswith("split refused"):
+                faster = row["split"]["predicted_seconds"] < 0.9 * row["fused"]["predicted_seconds"]
+                assert row["chosen"] == ("split" if faster else "fused"), row
+        assert p["split_before"] == [row["op"] for row in p["fusion"] if row["chosen"] == "split"]
+        with privml.Session(compiled.plan) as s:
+            y = s.decrypt(compiled(s.encrypt(x)))
+        assert (y - model(x)).abs().max() <= p["hybrid"]["output_error_bound"] + 1e-4

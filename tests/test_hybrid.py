@@ -368,3 +368,20 @@ def test_release_flooding_carries_the_noise_and_a_session_may_refuse_it():
     with privml.Session(compiled.plan, out_of_range="warn") as s:
         y = s.decrypt(compiled(s.encrypt(x[:4])))
     assert torch.allclose(y, model(x[:4]), atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [8192, 16384])
+def test_every_ring_the_planner_accepts_passes_the_sessions_flooding_checks(n):
+    # release flooding must cover the larger of the carried output noise and one refresh's noise: the session
+    # checks both, and a plan it refused once came out of compile (segment 2 at N=16384)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = privml.compile(model, x, backend="hybrid", poly_modulus_degree=n)
+    with privml.Session(compiled.plan) as s:
+        y = s.decrypt(compiled(s.encrypt(x[:2])))
+    assert torch.equal(y.argmax(1), model(x[:2]).argmax(1))
+    bound = compiled.plan.params["hybrid"]["output_error_bound"]
+    assert (y - model(x[:2])).abs().max() <= bound + 1e-6  # + the float32 rounding of the clear reference

@@ -7,8 +7,9 @@
 1. One refresh per ciphertext at N=8192 and N=16384 (hybrid parameters, real enclave process over its Unix
    socket): blinding, the round trip (serialization, socket, the enclave's decrypt + flood + re-encrypt,
    loading the answer) and unblinding; the enclave's own share is timed in-process with the same SEAL calls.
-2. LeNet-5 (ReLU, digits upsampled to 28x28) and SmallResNet (8x8 digits) under ``hybrid`` and under ``ckks``
-   (polynomial ReLUs; LeNet-5 needs N=32768 there): seconds per image, peak memory, accuracy against the
+2. LeNet-5 (ReLU, digits upsampled to 28x28) and SmallResNet (8x8 digits) under ``hybrid`` (the planner's fusion
+   choice, and with every pair of linear maps fused) and under ``ckks`` (polynomial ReLUs; LeNet-5 needs N=32768
+   there): the maps applied apart, seconds per image, peak memory, accuracy against the
    labels and agreement with the clear model on the first ``--images`` test images.
 
 Bootstrapping reference (no bootstrapping in SEAL/TenSEAL): Orion on Lattigo, LogN=16, measured on this
@@ -142,24 +143,28 @@ def _run(compiled: nn.Module, model: nn.Module, xs: torch.Tensor, ys: torch.Tens
 
 def models(names: list[str], images: int, ckks_images: int, skip_ckks: bool) -> None:
     print("\n## End to end, one image at a time (latency layout), same weights\n")
-    print("| model | backend | N | chain | refreshes/img | keys | s/img (median) | peak RSS GB (client+server) | "
-          "enclave GB | acc | agree | max logit err | plan error bound | images |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | backend | maps apart | N | chain | refreshes/img | keys | s/img (median) | peak RSS GB "
+          "(client+server) | enclave GB | acc | agree | max logit err | plan error bound | images |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         model, dataset = _model(name)
         train, test = get_dataset(dataset)
         calib = train.tensors[0][:256]
         xs, ys = test.tensors[0], test.tensors[1]
-        rows = [("hybrid", images)] + ([] if skip_ckks else [("ckks", ckks_images)])
-        for backend, k in rows:
+        # the planner's fusion choice, then every pair fused (the choice before the planner priced it)
+        rows = [("hybrid", images, "auto"), ("hybrid", images, "always")]
+        rows += [] if skip_ckks else [("ckks", ckks_images, "auto")]
+        for backend, k, fusion in rows:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                compiled = privml.compile(model, calib, backend=backend)
+                compiled = privml.compile(model, calib, backend=backend, fusion=fusion)
             p = compiled.plan.params
             r = _run(compiled, model, xs[:k], ys[:k], backend)
             hy = p.get("hybrid", {})
             n_ref = sum(x["ciphertexts"] for x in hy.get("refreshes", []))
-            print(f"| {name} | {backend} | {p['poly_modulus_degree']} | {p['ckks']['coeff_mod_bit_sizes']} | "
+            apart = ", ".join(p.get("split_before", [])) or "-"
+            print(f"| {name} | {backend} (fusion={fusion}) | {apart} | {p['poly_modulus_degree']} | "
+                  f"{p['ckks']['coeff_mod_bit_sizes']} | "
                   f"{n_ref} | {r['keys']} | {r['s/img']:.2f} | {_peak_gb():.2f} | {r['enclave GB']:.2f} | "
                   f"{r['acc']:.2f} | {r['agree']:.2f} | {r['max |logit err|']:.3g} | "
                   f"{hy.get('output_error_bound', 0):.3g} | {k} |", flush=True)

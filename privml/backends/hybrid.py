@@ -40,6 +40,7 @@ from privml.backends.ckks import (
     build_matvec,
     dumps,
     loads,
+    split_before_of,
 )
 from privml.errors import DecryptionBudgetExhausted, InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
 from privml.he.noise import secure_normal, secure_uniform
@@ -132,8 +133,9 @@ class Refresher:
 class HybridRuntime(Runtime):
     """The CKKS runtime plus refreshes: an op needing ``k`` levels first refreshes operands with fewer left."""
 
-    def __init__(self, ctx: Any, layout: str, refresher: Refresher | None, floor: int = FLOOR) -> None:
-        super().__init__(ctx, layout, None)
+    def __init__(self, ctx: Any, layout: str, refresher: Refresher | None, floor: int = FLOOR,
+                 split_before: frozenset[str] = frozenset()) -> None:
+        super().__init__(ctx, layout, None, split_before=split_before)
         self.refresher = refresher
         self.floor = floor
 
@@ -208,10 +210,11 @@ class HybridDryRuntime(Runtime):
 
     def __init__(self, layout: str, segment: int, noise: Any, value_bound: float, relu_mask_bits: int,
                  sigma: float = 0.0, slots: int = 1 << 13, batch: int = 1, cache: dict | None = None,
-                 mask_bits: int = 20, carry_noise: bool = False, composed: int = COMPOSED_ROTATIONS) -> None:
+                 mask_bits: int = 20, carry_noise: bool = False, composed: int = COMPOSED_ROTATIONS,
+                 split_before: frozenset[str] = frozenset()) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
-        super().__init__(None, layout)
+        super().__init__(None, layout, split_before=split_before)
         cache = cache if cache is not None else {}
         self._affine_cache = cache.setdefault("affine", {})  # shared by the planner's dry runs
         self._mv_cache = cache.setdefault("mv", {})
@@ -468,7 +471,7 @@ class HybridBackend:
             while len(self._previous) > 8:
                 self._previous.pop(next(iter(self._previous)))
         self.ctx = ctx
-        self.runtime = HybridRuntime(ctx, self.layout, refresher)
+        self.runtime = HybridRuntime(ctx, self.layout, refresher, split_before=split_before_of(self.plan))
         self.keys_used += 1
 
     def rotate_keys(self) -> None:
@@ -629,7 +632,7 @@ class HybridServer:
         self.client = EnclaveClient(credentials["address"], timeout=timeout)
         refresher = Refresher(self.ctx, self.client, credentials["key_id"], credentials["token"], hy["value_bound"],
                               int(hy["mask_bits"]), int(hy["relu_mask_bits"]))
-        self.runtime = HybridRuntime(self.ctx, layout, refresher)
+        self.runtime = HybridRuntime(self.ctx, layout, refresher, split_before=split_before_of(plan))
 
     def run(self, model: torch.nn.Module, request: bytes) -> bytes:
         x = loads(request, self.runtime, HybridTensor)
@@ -655,10 +658,11 @@ def make_backend(plan: Any, **options: Any) -> HybridBackend:
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, segment: int, noise: Any,
             value_bound: float, relu_mask_bits: int, sigma: float = 0.0, slots: int = 1 << 13,
             batch: int = 1, cache: dict | None = None, mask_bits: int = 20, carry_noise: bool = False,
-            composed: int = COMPOSED_ROTATIONS) -> HybridDryRuntime:
-    """Route ``model`` without keys with ``segment`` levels between refreshes (``cache``: shared across runs)."""
+            composed: int = COMPOSED_ROTATIONS, split_before: frozenset[str] = frozenset()) -> HybridDryRuntime:
+    """Route ``model`` without keys with ``segment`` levels between refreshes (``cache``: shared across runs),
+    applying the linear maps of ``split_before`` apart."""
     rt = HybridDryRuntime(layout, segment, noise, value_bound, relu_mask_bits, sigma, slots, batch, cache, mask_bits,
-                          carry_noise, composed)
+                          carry_noise, composed, split_before)
     shape = (batch, *input_shape)
     x = HybridTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
                      packing=rt.input_packing(shape))

@@ -59,6 +59,7 @@ def mpc_poly_cost(degree: int) -> tuple[int, int]:
 # CKKS time per ciphertext op, measured on this machine (2 cores, SEAL via TenSEAL, one thread): a rotation (key
 # switch) at N=8192 with 8 data primes 11.6 ms (N=16384: 31.6 ms with 9 primes, 12.3 ms with 5; N=8192 with 3:
 # 2.5 ms), so ~ N x primes^1.6; a ciphertext x plaintext product 0.59 ms at N=8192 with 8 primes, ~ N x primes.
+FUSION_MARGIN = 0.9  # apply two linear maps apart only when that is predicted at least 10% faster than fused
 CKKS_HEADROOM = 2.0  # CKKS plans multiply the largest calibrated |value| by this before sizing the first prime
 ROTATION_S = 11.6e-3 / (8192 * 8**1.6)
 PT_MULT_S = 0.59e-3 / (8192 * 8)

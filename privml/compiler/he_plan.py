@@ -14,13 +14,12 @@ import torch.fx as fx
 
 from privml.compiler.calibrate import RangeStats
 from privml.compiler.costs import CKKS_HEADROOM as HEADROOM
-from privml.compiler.costs import ckks_seconds, level_work
+from privml.compiler.costs import FUSION_MARGIN, ckks_seconds, level_work
 from privml.compiler.plan import Plan
 from privml.errors import BudgetError, DepthExhausted, PrivmlError
 from privml.tensor import module_scope
 
 KEY_COST = 1.0  # a Galois key is worth keeping if it saves this many key switches per forward pass
-FUSION_MARGIN = 0.9  # apply two maps apart only when that is predicted at least 10% faster than fused
 
 
 @dataclass

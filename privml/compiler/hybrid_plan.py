@@ -20,9 +20,9 @@ from typing import Any
 import torch.fx as fx
 
 from privml.compiler.calibrate import RangeStats
-from privml.compiler.costs import ckks_seconds, level_work
+from privml.compiler.costs import FUSION_MARGIN, ckks_seconds, level_work
 from privml.compiler.plan import Plan
-from privml.errors import BudgetError, FidelityWarning
+from privml.errors import BudgetError, FidelityWarning, PrivmlError
 from privml.tensor import module_scope
 
 RINGS = (8192, 16384)
@@ -61,6 +61,7 @@ class Candidate:
     flooding: str = "refresh"
     key_switches: int = 0
     plaintexts: int = 0
+    split: frozenset[str] = frozenset()  # linear maps applied apart instead of fused (privml.compiler.he_plan)
 
     def row(self) -> dict[str, Any]:
         return {"N": self.n, "segment": self.segment, "scale_bits": self.scale_bits, "flooding": self.flooding,
@@ -81,7 +82,7 @@ def chain_for(n: int, segment: int) -> tuple[int, ...] | None:
 
 def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n: int, segment: int,
                bound: float, cfg: Any, out_tol: float, cache: dict,
-               flooding: str = "refresh") -> Candidate | None:
+               flooding: str = "refresh", split: frozenset[str] = frozenset()) -> Candidate | None:
     """One (ring, levels between refreshes, flooding) choice, costed and bounded by keyless dry runs.
 
     ``flooding="refresh"``: the enclave floods every refresh (LMSS sigma for the worst refreshed noise), so the
@@ -99,7 +100,7 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
     s = chain[1]
     noise = NoiseModel(n, s, primes=len(chain) - 1)
     common = dict(layout=layout, segment=segment, noise=noise, value_bound=bound, relu_mask_bits=cfg.relu_mask_bits,
-                  slots=n // 2, cache=cache, mask_bits=cfg.mask_bits)
+                  slots=n // 2, cache=cache, mask_bits=cfg.mask_bits, split_before=split)
     with module_scope(gm):
         probe = dry_run(gm, input_shape, **common)
     steps, switches = galois_keys(probe.rotation_uses, n)
@@ -110,10 +111,10 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
     common["composed"] = composed
     if probe.max_need > segment:
         return Candidate(n, segment, s, [], 0, 0, math.inf, 0, math.inf, [], probe.min_slots, False,
-                         f"an op needs {probe.max_need} levels")
+                         f"an op needs {probe.max_need} levels", split=split)
     if probe.min_slots > n // 2:
         return Candidate(n, segment, s, [], 0, 0, math.inf, 0, math.inf, [], probe.min_slots, False,
-                         f"needs {probe.min_slots} slots > {n // 2}")
+                         f"needs {probe.min_slots} slots > {n // 2}", split=split)
     alpha, sec = cfg.decryption_budget, cfg.flood_security_bits
     worst = max((r.noise for r in probe.refreshes), default=noise.fresh)
     sigma = flood_sigma(worst, n, alpha, sec) if flooding == "refresh" else worst
@@ -133,12 +134,67 @@ def _candidate(gm: fx.GraphModule, input_shape: tuple[int, ...], layout: str, n:
                          steps, run.min_slots, False,
                          f"{per_batch} enclave decryptions per {'sample' if layout == 'latency' else 'batch'} > "
                          f"decryption_budget {cfg.decryption_budget}", over_budget=True, flooding=flooding,
-                         key_switches=switches, plaintexts=run.plaintexts)
+                         key_switches=switches, plaintexts=run.plaintexts, split=split)
     ok = err <= out_tol
     return Candidate(n, segment, s, refreshes, sigma, worst, err, float(out.noise), seconds,
                      steps, run.min_slots, ok,
                      "" if ok else f"predicted output error {err:.3g} > {out_tol:.3g}", flooding=flooding,
-                     key_switches=switches, plaintexts=run.plaintexts)
+                     key_switches=switches, plaintexts=run.plaintexts, split=split)
+
+
+def _choose_fusion(gm: fx.GraphModule, plan: Plan, cfg: Any, best: Candidate, bound: float, out_tol: float,
+                   cache: dict) -> tuple[Candidate, list[dict[str, Any]]]:
+    """Where two position-mixing linear maps meet, fuse them or apply them apart, by predicted seconds on the
+    chosen ring and segment (refreshes included: a split costs a level, so it may add refreshes); the table
+    of every point for the plan. A split is taken only if it keeps the plan feasible (or lowers its error)."""
+    from privml.backends.hybrid import dry_run
+    from privml.he.noise import NoiseModel
+
+    with module_scope(gm):
+        rt = dry_run(gm, plan.input_shape, cfg.layout, best.segment, NoiseModel(best.n, best.scale_bits), bound,
+                     cfg.relu_mask_bits, slots=best.n // 2, cache=cache)
+
+    def side(c: Candidate) -> dict[str, Any]:
+        return {"N": c.n, "segment": c.segment, "refreshes": sum(r["ciphertexts"] for r in c.refreshes),
+                "key_switches": c.key_switches, "plaintexts": c.plaintexts, "predicted_seconds": round(c.seconds, 4)}
+
+    table = []
+    for op, pending in rt.fusion_points.items():
+        row: dict[str, Any] = {"op": op, "pending": pending, "chosen": "fused"}
+        if rt.mixing_steps.get(op, 0) != 1:
+            row["why"] = "the op applies several position-mixing maps (a module called twice, or functional ops)"
+        elif cfg.fusion != "auto":
+            row["chosen"] = "split" if cfg.fusion == "never" else "fused"
+            row["why"] = f"fusion={cfg.fusion!r}"
+        else:
+            try:
+                alt = _candidate(gm, plan.input_shape, cfg.layout, best.n, best.segment, bound, cfg, out_tol, cache,
+                                 best.flooding, best.split | {op})
+            except PrivmlError as err:  # the split cannot run
+                alt, row["why"] = None, f"split refused: {str(err)[:120]}"
+            if alt is not None:
+                row["fused"], row["split"] = side(best), side(alt)
+                ok = alt.feasible if best.feasible else alt.output_error <= best.output_error
+                if not math.isfinite(alt.seconds) or alt.over_budget or not ok:
+                    row["why"] = f"split refused: {alt.why or 'a larger predicted output error'}"
+                elif alt.seconds < FUSION_MARGIN * best.seconds:
+                    row["chosen"], row["why"] = "split", f"predicted {alt.seconds:.3g} s split vs {best.seconds:.3g} s"
+                    best = alt
+                else:
+                    row["why"] = f"predicted {alt.seconds:.3g} s split vs {best.seconds:.3g} s fused"
+            elif "why" not in row:
+                row["why"] = "split refused: no chain fits"
+        table.append(row)
+    if cfg.fusion == "never":
+        splits = frozenset(r["op"] for r in table if r["chosen"] == "split")
+        if splits:
+            alt = _candidate(gm, plan.input_shape, cfg.layout, best.n, best.segment, bound, cfg, out_tol, cache,
+                             best.flooding, splits)
+            if alt is None or not math.isfinite(alt.output_error) or alt.over_budget:
+                raise BudgetError(f"privml: fusion='never' does not fit N={best.n} with {best.segment} levels between "
+                                  f"refreshes ({alt.why if alt else 'no chain'}): use fusion='auto'")
+            best = alt
+    return best, table
 
 
 def max_composition(uses: dict[int, int], steps: list[int], slots: int) -> int:
@@ -181,7 +237,10 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
                           "(refresh_depth=, max_error=) or use a larger ring")
     feasible = [c for c in usable if c.feasible]
     best = min(feasible, key=lambda c: c.seconds) if feasible else min(usable, key=lambda c: c.output_error)
-    release = flood_sigma(max(best.output_noise, 1e-300), best.n, cfg.decryption_budget, cfg.flood_security_bits)
+    best, fusion = _choose_fusion(gm, plan, cfg, best, bound, out_tol, cache)
+    # what a session checks (privml.session): the carried output noise or one refresh's, whichever is larger
+    release = flood_sigma(max(best.output_noise, best.noise_bound, 1e-300), best.n, cfg.decryption_budget,
+                          cfg.flood_security_bits)
     if best.flooding == "release" and cfg.flooding == "auto":
         plan.notes.append(
             "privml: flooding every refresh would cost more precision than the tolerance allows, so refreshes "
@@ -228,7 +287,7 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
         from privml.he.noise import NoiseModel
 
         rt = dry_run(gm, plan.input_shape, cfg.layout, best.segment, NoiseModel(best.n, best.scale_bits),
-                     bound, cfg.relu_mask_bits, slots=best.n // 2, cache=cache)
+                     bound, cfg.relu_mask_bits, slots=best.n // 2, cache=cache, split_before=best.split)
     from privml.he import memory
 
     # the client's process: its keys, the weights' encoded diagonals, the ciphertexts of one forward pass (the
@@ -236,7 +295,6 @@ def plan_hybrid(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, cf
     mem = memory.estimate(params, len(best.rotation_steps), rt.plaintexts_at, rt.live_at)
     plan.params["memory_gb"] = mem.to_dict()
     plan.params["public_context_mb"] = round(memory.public_context_bytes(params, len(best.rotation_steps)) / 1e6, 1)
-    why = "hybrid plans fuse every pair (the refresh segments are sized with them fused)"
-    plan.params["fusion"] = [{"op": op, "pending": pend, "chosen": "fused", "why": why}
-                             for op, pend in rt.fusion_points.items()]
+    plan.params["fusion"] = fusion
+    plan.params["split_before"] = sorted(best.split)
     _levels_into_layers(plan, rt.log)
