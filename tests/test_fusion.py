@@ -147,3 +147,39 @@ def test_hybrid_plans_price_each_point_on_their_ring_and_run_either_way() -> Non
         with privml.Session(compiled.plan) as s:
             y = s.decrypt(compiled(s.encrypt(x)))
         assert (y - model(x)).abs().max() <= p["hybrid"]["output_error_bound"] + 1e-4
+
+
+def _lenet_like() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), Square(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), Square(),
+                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16 * 5 * 5, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.3)
+    return model
+
+
+def _lenet_plans(**kw: object) -> privml.CompiledModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return privml.compile(_lenet_like(), torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+                              backend="ckks", **kw)
+
+
+def test_the_planner_splits_where_it_pays_and_never_past_the_depth_budget() -> None:
+    p = _lenet_plans().plan.params
+    assert p["split_before"] == ["3"]  # conv 3 after pool 2: fewer diagonals apart, at the same ring
+    q = _lenet_plans(depth_budget=p["depth"] - 1).plan.params
+    assert q["split_before"] == [] and q["depth"] == p["depth"] - 1
+    assert "depth_budget" in q["fusion"][0]["why"]
+
+
+@pytest.mark.slow  # ~30 s: a LeNet-shaped model at N=16384
+def test_a_split_the_planner_takes_runs() -> None:
+    auto = _lenet_plans()
+    assert auto.plan.params["split_before"] == ["3"]
+    x = torch.rand(1, 1, 28, 28)
+    with privml.Session(auto.plan) as s:
+        y = s.decrypt(auto(s.encrypt(x)))
+    ref = auto(x)
+    assert torch.allclose(y, ref, atol=1e-3 * float(ref.abs().max()) + 1e-4), (y - ref).abs().max()

@@ -105,7 +105,7 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
               precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
               coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True,
               batch_size: int | None = None, max_context_mb: float | None = None,
-              rotation_keys: str = "auto", fusion: str = "auto") -> None:
+              rotation_keys: str = "auto", fusion: str = "auto", depth_budget: int | None = None) -> None:
     """Fill ``plan.params`` (CKKS parameters, rotation steps, layout, fusions) and the per-layer levels.
 
     ``batch_size`` (throughput layout): pack for batches of at most that many samples. Below half the
@@ -117,7 +117,8 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
     ``fusion``: where two linear maps that both move values meet (a pooling before a conv, a conv before a
     linear), ``auto`` fuses them (one level, the product's diagonals) or applies them apart (one more level,
     each map's own diagonals) by predicted seconds, one point at a time; ``always``/``never`` force it. The
-    plan's ``fusion`` table shows each point, both costs and the choice."""
+    plan's ``fusion`` table shows each point, both costs and the choice. ``auto`` never splits past
+    ``depth_budget``."""
     from privml.he import memory
 
     max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
@@ -142,6 +143,10 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
                 alt = route(best.split | {op})
             except PrivmlError as err:  # one more level does not fit the limits, or the split cannot run
                 table[op] = _fusion_row(op, pend, best, None, f"split refused: {str(err)[:120]}")
+                continue
+            if depth_budget is not None and alt.rt.depth > depth_budget:
+                table[op] = _fusion_row(op, pend, best, None, f"split refused: depth {alt.rt.depth} > depth_budget "
+                                                             f"{depth_budget}")
                 continue
             table[op] = _fusion_row(op, pend, best, alt)
             if table[op]["chosen"] == "split":
