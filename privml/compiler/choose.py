@@ -231,7 +231,7 @@ def choose(gm: fx.GraphModule, stats: dict[str, RangeStats], backend: str, calib
 
 _REMEDIES = ("fine-tune the compiled model with approximation-aware training (privml.train.finetune), give a budget "
              "(accuracy_tolerance= with validation=(x, y), max_error= or depth_budget=) to trade depth for accuracy, "
-             "or use the hybrid backend (enclave refreshes: more depth) once it exists")
+             "or use the hybrid backend (backend=\"hybrid\": enclave refreshes give more depth)")
 
 
 def fixes_warning(agreement: float, target: float) -> str:
