@@ -378,7 +378,9 @@ def _reference_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["breast_cancer_mlp", "resnet", pytest.param("digits_cnn", marks=SLOW),
+# resnet is slow-marked: test_session_runs_compiled_digits_cnn_across_two_parties covers convs across parties
+@pytest.mark.parametrize("name", ["breast_cancer_mlp", pytest.param("resnet", marks=SLOW),
+                                  pytest.param("digits_cnn", marks=SLOW),
                                   pytest.param("tutorial_cnn", marks=SLOW), pytest.param("lenet5", marks=SLOW)])
 def test_reference_models_end_to_end(name: str) -> None:
     """Each reference model through the Session API (SmallResNet: BatchNorm folded, residual adds)."""

@@ -135,6 +135,14 @@ def test_run_parties_has_an_overall_deadline() -> None:
     assert time.monotonic() - t0 < 25
 
 
+def _is_party(c: psutil.Process) -> bool:
+    """A spawned party (not multiprocessing's resource tracker); a child that just exited is none."""
+    try:
+        return "resource_tracker" not in " ".join(c.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return False
+
+
 def test_a_launcher_killed_while_its_parties_start_leaves_none_behind(tmp_path) -> None:
     script = tmp_path / "early.py"
     script.write_text("from privml.parties.pool import PartyPool\n\nif __name__ == '__main__':\n"
@@ -145,8 +153,7 @@ def test_a_launcher_killed_while_its_parties_start_leaves_none_behind(tmp_path) 
         end = time.monotonic() + 60
         while len(children) < 2 and time.monotonic() < end:  # the parties are spawned, still importing torch
             time.sleep(0.05)
-            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
-                        if "resource_tracker" not in " ".join(c.cmdline())]
+            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if _is_party(c)]
         assert len(children) >= 2
         proc.kill()
         proc.wait(10)
