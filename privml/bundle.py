@@ -204,14 +204,15 @@ def _check_depth(module: torch.nn.Module, plan: Plan) -> None:
     """CKKS: route the module without keys; refuse it if it needs more levels than the plan's parameters have."""
     if plan.backend != "ckks":
         return
-    from privml.backends.ckks import _expansion_of, dry_run, split_before_of
+    from privml.backends.ckks import _expansion_of, dry_run, names_of, split_before_of
     from privml.tensor import module_scope
 
     p = plan.params
     with module_scope(module):
         rt = dry_run(module, plan.input_shape, p["layout"], input_expansion=False, expansion=_expansion_of(plan),
                      slots=p["ckks"]["poly_modulus_degree"] // 2, lanes=p.get("lanes"),
-                     key_mode=p.get("key_mode", "direct"), split_before=split_before_of(plan))
+                     key_mode=p.get("key_mode", "direct"), split_before=split_before_of(plan),
+                     fold_bound=p.get("fold_bound"), no_fold=names_of(plan, "no_fold"))
     levels = len(p["ckks"]["coeff_mod_bit_sizes"]) - 2
     if rt.depth > levels:
         raise BundleError(f"privml: the bundle's module needs {rt.depth} levels but its plan's parameters have "

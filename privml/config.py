@@ -236,6 +236,9 @@ class CKKSConfig(CompileConfig):
     max_context_mb: float | None = option(None, "cap on the public context (MB): fewer Galois keys, missing "
                                           "rotations composed from the rest (default: up to 4 log2 N keys)", min=1)
     fusion: str = _fusion_option()
+    fold: bool = option(True, "latency layout: sum a narrower map's output copies by rotate-and-add (fewer "
+                        "products and key switches) where the planner can bound what that leaves outside the "
+                        "outputs; the plan's folded/no_fold lists say where")
     simulate_noise: bool = option(False, "with validation: also predict accuracy under simulated CKKS noise")
 
     @property

@@ -167,16 +167,20 @@ def _lenet_plans(**kw: object) -> privml.CompiledModel:
 
 
 def test_the_planner_splits_where_it_pays_and_never_past_the_depth_budget() -> None:
-    p = _lenet_plans().plan.params
-    assert p["split_before"] == ["3"]  # conv 3 after pool 2: fewer diagonals apart, at the same ring
-    q = _lenet_plans(depth_budget=p["depth"] - 1).plan.params
+    """Without folded products, conv 3 after pool 2 has fewer diagonals apart at the same ring: a split pays.
+    Folding (the default) makes the fused pair cheaper still, and the planner then keeps it fused."""
+    p = _lenet_plans(fold=False).plan.params
+    assert p["split_before"] == ["3"] and p["folded"] == []
+    q = _lenet_plans(fold=False, depth_budget=p["depth"] - 1).plan.params
     assert q["split_before"] == [] and q["depth"] == p["depth"] - 1
     assert "depth_budget" in q["fusion"][0]["why"]
+    f = _lenet_plans().plan.params
+    assert f["folded"] and f["split_before"] == [] and f["predicted_seconds"] < p["predicted_seconds"]
 
 
 @pytest.mark.slow  # ~30 s: a LeNet-shaped model at N=16384
 def test_a_split_the_planner_takes_runs() -> None:
-    auto = _lenet_plans()
+    auto = _lenet_plans(fold=False)
     assert auto.plan.params["split_before"] == ["3"]
     x = torch.rand(1, 1, 28, 28)
     with privml.Session(auto.plan) as s:

@@ -318,3 +318,42 @@ def test_timing_vs_diagonal_matvec() -> None:
             f"N=8192 {list(params.coeff_mod_bit_sizes)} {name:14s} {mode:6s}: {plan.mult_count} products, "
             f"{plan.rotation_count} rotations, {len(plan.rotation_steps())} keys, best of 3 {min(times) * 1e3:.1f} ms"
         )
+
+
+@pytest.mark.parametrize("key_mode", ["direct", "few"])
+@pytest.mark.parametrize(("m", "n", "density"), [(10, 64, 1.0), (64, 256, 1.0), (48, 48, 1.0), (30, 500, 0.2)])
+def test_folded_maps_match_numpy_and_bound_what_they_leave_outside(key_mode: str, m: int, n: int,
+                                                                   density: float) -> None:
+    """An m x n map with its output copies summed by rotate-and-add (the hybrid diagonal method): the output
+    units equal W x + b, every other slot stays within fold_gain * max |x|, and a dense m < n map needs far
+    fewer products than the plain diagonal product."""
+    from privml.he.kernels import cheapest_matvec
+
+    w = RNG.normal(size=(m, n)) * (RNG.random((m, n)) < density)
+    rows, cols = np.nonzero(w)
+    bias = np.zeros(SLOTS)
+    bias[:m] = RNG.normal(size=m)
+    plain = BlockMatVec(rows, cols, w[rows, cols], 1, 1, SLOTS, 1, bias, key_mode)
+    mv = cheapest_matvec(rows, cols, w[rows, cols], SLOTS, bias, key_mode)
+    assert mv.fold_steps, "a dense or wide map is cheaper folded"
+    assert 20 * mv.rotation_count + mv.mult_count < 20 * plain.rotation_count + plain.mult_count
+    if density == 1.0:
+        assert mv.mult_count <= max(m, -(-(n + m - 1) // 2)) < plain.mult_count
+    x = np.zeros(SLOTS)
+    x[:n] = RNG.uniform(-1, 1, n)
+    ctx = context_for(mv)
+    y, stats, _ = run(ctx, mv, x[None])
+    assert stats["rotations"] == mv.rotation_count
+    assert close(y[0, :m], w @ x[:n] + bias[:m]), np.abs(y[0, :m] - w @ x[:n] - bias[:m]).max()
+    assert np.abs(y[0, m:]).max() <= mv.fold_gain * np.abs(x).max() + 1e-3
+    assert mv.fold_gain == pytest.approx(np.abs(w).sum(axis=1).max())
+
+
+def test_fold_arguments_are_checked() -> None:
+    rows, cols = np.array([0, 1]), np.array([3, 9])
+    with pytest.raises(InvalidInput, match="shorter than the output span"):
+        BlockMatVec(rows, cols, np.ones(2), 1, 1, SLOTS, 1, fold=1)
+    with pytest.raises(InvalidInput, match="one input and one output"):
+        BlockMatVec(rows, cols, np.ones(2), 2, 1, SLOTS, 1, fold=4)
+    with pytest.raises(InvalidInput, match="exceeds"):
+        BlockMatVec(np.array([0]), np.array([SLOTS - 1]), np.ones(1), 1, 1, SLOTS, 1, fold=3)

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils._pytree import tree_map
 
-from privml.errors import InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
+from privml.errors import DepthExhausted, InvalidInput, KeyMaterialError, MalformedInput, PrivmlError
 from privml.he import packing as packings
 from privml.he.packing import Packing
 from privml.registry import REGISTRY
@@ -138,10 +138,49 @@ def _progress(items: list, what: str) -> Any:
     return tqdm(items, desc=f"ckks {what}", unit="ct", leave=False, disable=len(items) < 64)
 
 
+class Spilled(list):
+    """Ciphertexts whose slots outside the packing's units hold values of magnitude up to ``spill`` (the partial
+    sums a folded product leaves, :meth:`privml.he.kernels.BlockMatVec._fold`, and what later ops make of them).
+    The next linear map never reads them, decryption ignores them; the runtime bounds them so that they never
+    overflow a level's modulus (which would corrupt every slot)."""
+
+    spill = 0.0
+
+
+def _spill(payload: Any) -> float:
+    return float(getattr(payload, "spill", 0.0))
+
+
+def _sources(*payloads: Any) -> frozenset[str]:
+    """The folded maps a dry run's spill comes from (empty for real payloads: only the planner needs them)."""
+    return frozenset().union(*(getattr(p, "spill_from", frozenset()) for p in payloads))
+
+
+def map_name(affine: Affine) -> str:
+    """A (fused) linear map's name in plans and logs: its ops' names joined by '+'."""
+    return "+".join(dict.fromkeys(affine.names))
+
+
+def spill_after_poly(coeffs: list[float], spill: float) -> float:
+    """A bound on every value a polynomial's evaluation makes from inputs of magnitude up to ``spill``."""
+    if not spill:
+        return 0.0
+    degree = max((i for i, c in enumerate(coeffs) if c), default=0)
+    log = math.log(max(1.0, sum(abs(c) for c in coeffs))) + degree * math.log(max(1.0, spill))
+    return math.exp(log) if log < 700 else math.inf
+
+
+def spill_after_product(a: float, b: float) -> float:
+    """A bound on a product's values outside the units, from its operands' (each at least ~0 there)."""
+    return (a + 1.0) * (b + 1.0) - 1.0 if a or b else 0.0
+
+
 def build_matvec(affine: Affine, src: Packing, dst: Packing, slots: int, expansion: Any = None,
-                 key_mode: str = "direct") -> Any:
-    """The block diagonal product computing ``affine`` from packing ``src`` into packing ``dst``."""
-    from privml.he.kernels import BlockMatVec
+                 key_mode: str = "direct", fold: bool = False, rescale_first: bool = False) -> Any:
+    """The block diagonal product computing ``affine`` from packing ``src`` into packing ``dst``; with ``fold``
+    (one ciphertext in and out, width 1) the folded product where that is cheaper (``rescale_first``: see
+    :class:`privml.he.kernels.BlockMatVec`)."""
+    from privml.he.kernels import BlockMatVec, cheapest_matvec
 
     w = affine.weight
     if expansion is not None:  # the first layer on the client-expanded input x' (privml.he.expansion)
@@ -151,6 +190,9 @@ def build_matvec(affine: Affine, src: Packing, dst: Packing, slots: int, expansi
     if affine.bias is not None and np.any(affine.bias):
         bias = np.zeros(dst.n_cts * dst.per_ct)
         bias[dst.units] = affine.bias
+    if fold and src.n_cts == dst.n_cts == 1 and src.width == 1:
+        return cheapest_matvec(dst.units[coo.row], src.units[coo.col], coo.data, slots, bias, key_mode,
+                               rescale_first)
     return BlockMatVec(dst.units[coo.row], src.units[coo.col], coo.data, src.n_cts, dst.n_cts, slots,
                        width=src.width, bias=bias, key_mode=key_mode)
 
@@ -162,10 +204,18 @@ class Runtime:
     ``packing.n_cts`` ciphertexts; in the throughput layout ``packing.n_cts`` ciphertexts for the batch."""
 
     def __init__(self, ctx: Any, layout: str, expansion: Any = None, key_mode: str = "direct",
-                 lanes: int | None = None, split_before: frozenset[str] = frozenset()) -> None:
+                 lanes: int | None = None, split_before: frozenset[str] = frozenset(),
+                 fold_bound: float | None = None, no_fold: frozenset[str] = frozenset(),
+                 rescale_first: bool = False) -> None:
         if layout not in LAYOUTS:
             raise InvalidInput(f"privml: layout must be one of {LAYOUTS}, got {layout!r}")
+        if fold_bound is not None and not (isinstance(fold_bound, (int, float)) and 0 < fold_bound < math.inf):
+            raise MalformedInput(f"privml: the plan's fold_bound must be a positive number, got {fold_bound!r}")
         self.ctx = ctx
+        # latency layout: fold single-ciphertext products where cheaper; fold_bound bounds every value they read
+        self.fold_bound = float(fold_bound) if fold_bound is not None and layout == "latency" else None
+        self.no_fold = frozenset(no_fold)  # maps (by name) the plan applies unfolded: their spill would overflow
+        self.rescale_first = rescale_first is True  # the plan's scale has bits to spare for giant-step noise
         self.layout = layout
         self.lanes = lanes  # throughput layout: samples per unit (None: every slot, one feature per ciphertext)
         self.expansion = expansion  # privml.he.expansion.InputExpansion for the first layer (latency only)
@@ -269,14 +319,43 @@ class Runtime:
             raise MalformedInput(f"privml: {len(vectors)} ciphertexts where the packing has {k}")
         return packing.gather(vectors)[:, :batch].T
 
+    # ---- spill: what folded products leave outside the units (Spilled)
+    def value_limit(self, payload: Any) -> float:
+        """The largest |value| a ciphertext of ``payload`` holds without overflowing its level (a quarter of it)."""
+        return self._limit_at(self.levels_left(payload))
+
+    def _limit_at(self, level: int) -> float:
+        return 2.0 ** (self.ctx.chain.bits(level) - 3) / self.ctx.chain.scale_at(level) if level >= 0 else 0.0
+
+    def folds(self, affine: Affine) -> bool:
+        """Whether ``affine``'s single-ciphertext product may fold (the plan's bound is set, the map not excluded)."""
+        return self.fold_bound is not None and map_name(affine) not in self.no_fold
+
+    def _mark(self, payload: Any, spill: float, sources: frozenset[str] = frozenset()) -> Any:
+        """``payload`` with its spill bound (``sources``: the folded maps it comes from); refuses an overflow."""
+        if not spill:
+            return payload
+        top = spill
+        limit = self.value_limit(payload)
+        if not top < limit:
+            raise DepthExhausted(f"privml: values a folded linear map left outside its outputs could reach {top:.3g} "
+                                 f"here, over the {limit:.3g} this level holds: compile this model again (the "
+                                 "planner then applies that map without folding)")
+        out = payload if isinstance(payload, Spilled) else Spilled(payload)
+        out.spill = float(spill)
+        return out
+
     # ---- server side
-    def matvec(self, affine: Affine, src: Packing, dst: Packing, expanded: bool = False) -> Any:
-        """The (cached) block diagonal product of ``affine`` between two packings."""
-        key = (affine.key, src, dst, expanded, self.key_mode)
+    def matvec(self, affine: Affine, src: Packing, dst: Packing, expanded: bool = False,
+               fold: bool | None = None) -> Any:
+        """The (cached) block diagonal product of ``affine`` between two packings (``fold``: default the plan's)."""
+        fold = self.folds(affine) if fold is None else fold
+        key = (affine.key, src, dst, expanded, self.key_mode, fold)
         mv = self._matvec_cache.get(key)
         if mv is None:
             mv = self._matvec_cache[key] = build_matvec(affine, src, dst, self.slots,
-                                                        self.expansion if expanded else None, self.key_mode)
+                                                        self.expansion if expanded else None, self.key_mode,
+                                                        fold=fold, rescale_first=self.rescale_first)
         return mv
 
     def apply_affine(self, payload: list, affine: Affine, src: Packing, out_shape: tuple[int, ...],
@@ -287,12 +366,17 @@ class Runtime:
         dst = dst or packings.output_packing(src, out_shape, self.slots)
         if self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1:
             return dense_throughput(self.ctx, payload, affine.weight, affine.bias), dst
-        mv = self.matvec(affine, src, dst, isinstance(payload, ExpandedInput))
+        expanded = isinstance(payload, ExpandedInput)
+        mv = self.matvec(affine, src, dst, expanded)
+        if mv.fold_steps and not mv.fold_gain * self.fold_bound < self._limit_at(self.levels_left(payload) - 1):
+            mv = self.matvec(affine, src, dst, expanded, fold=False)  # a model the plan was not made for
         if self.layout == "throughput":
             return mv.apply(self.ctx, list(payload)), dst
         k, out = src.n_cts, []
         for i in range(0, len(payload), k):
             out += mv.apply(self.ctx, list(payload[i:i + k]))
+        if mv.fold_steps:
+            out = self._mark(out, mv.fold_gain * self.fold_bound)
         return out, dst
 
     def poly(self, payload: list, coeffs: list[float], input_bound: float | None = None) -> list:
@@ -301,20 +385,22 @@ class Runtime:
 
         _not_expanded(payload)
         degree = max((i for i, c in enumerate(coeffs) if c), default=0)
-        return [eval_poly(self.ctx, ct, coeffs) for ct in _progress(payload, f"poly deg {degree}")]
+        out = [eval_poly(self.ctx, ct, coeffs) for ct in _progress(payload, f"poly deg {degree}")]
+        return self._mark(out, spill_after_poly(coeffs, _spill(payload)), _sources(payload))
 
     def mul(self, a: list, b: list) -> list:
         _not_expanded(a, b)
-        return [self.ctx.mul(x, y) for x, y in zip(_progress(a, "multiply"), b, strict=True)]
+        out = [self.ctx.mul(x, y) for x, y in zip(_progress(a, "multiply"), b, strict=True)]
+        return self._mark(out, spill_after_product(_spill(a), _spill(b)), _sources(a, b))
 
     def square(self, a: list) -> list:
         _not_expanded(a)
-        return [self.ctx.square(x) for x in _progress(a, "square")]
+        return self._mark([self.ctx.square(x) for x in _progress(a, "square")], _spill(a) * _spill(a), _sources(a))
 
     def add(self, a: list, b: list, negate_b: bool = False) -> list:
         _not_expanded(a, b)
         op = self.ctx.sub if negate_b else self.ctx.add
-        return [op(x, y) for x, y in zip(a, b, strict=True)]
+        return self._mark([op(x, y) for x, y in zip(a, b, strict=True)], _spill(a) + _spill(b), _sources(a, b))
 
     def levels_left(self, payload: list) -> int:
         return min(self.ctx.level(ct) for ct in payload)
@@ -323,7 +409,11 @@ class Runtime:
 class Level(int):
     """A dry run's payload: the levels a ciphertext used. One object per ciphertext result, as the real payloads
     are: the tensor tells "the same ciphertexts" from "others at the same level" by identity (``_binary``), and
-    CPython shares the objects of small plain ints."""
+    CPython shares the objects of small plain ints. ``spill`` as in :class:`Spilled`, ``spill_from``: the folded
+    maps it comes from."""
+
+    spill = 0.0
+    spill_from: frozenset[str] = frozenset()
 
 
 class DryRuntime(Runtime):
@@ -334,8 +424,13 @@ class DryRuntime(Runtime):
     """
 
     def __init__(self, layout: str, slots: int = 1 << 14, key_mode: str = "direct", lanes: int | None = None,
-                 split_before: frozenset[str] = frozenset()) -> None:
-        super().__init__(None, layout, key_mode=key_mode, lanes=lanes, split_before=split_before)
+                 split_before: frozenset[str] = frozenset(), fold_bound: float | None = None,
+                 no_fold: frozenset[str] = frozenset()) -> None:
+        super().__init__(None, layout, key_mode=key_mode, lanes=lanes, split_before=split_before,
+                         fold_bound=fold_bound, no_fold=no_fold)
+        self.spill_at: dict[int, tuple[float, frozenset[str]]] = {}  # levels used -> (largest spill bound there,
+        # the folded maps it comes from): the planner checks them against its parameters
+        self.folded: list[str] = []  # the maps whose products fold, in the order the model applies them
         self.mults = 0  # ciphertext-plaintext products per forward pass
         self.rotations_at: dict[int, int] = {}  # levels used -> rotations there (the planner's time prediction)
         self.mults_at: dict[int, int] = {}  # levels used -> ciphertext-plaintext products there
@@ -360,6 +455,15 @@ class DryRuntime(Runtime):
         self.log.append((names, op, cost, after))
         return Level(after)
 
+    def _mark(self, payload: Level, spill: float, sources: frozenset[str] = frozenset()) -> Level:
+        """Record the bound at the levels ``payload`` used (the dry run has no chain yet)."""
+        if spill:
+            used = int(payload)
+            bound, origin = self.spill_at.get(used, (0.0, frozenset()))
+            self.spill_at[used] = (max(bound, spill), origin | sources)
+            payload.spill, payload.spill_from = float(spill), sources
+        return payload
+
     def encrypt(self, x: torch.Tensor) -> Level:
         self.min_slots = max(self.min_slots, max(x.shape[0], self.lanes or 1) if self.layout == "throughput" else
                              int(self.expansion.index.size) if self.expansion is not None else 1)
@@ -372,11 +476,13 @@ class DryRuntime(Runtime):
         if payload == 0:
             self.fresh_maps.add(affine.key)
             self.first_weight = affine.weight
-        names = "+".join(dict.fromkeys(affine.names))
+        names = map_name(affine)
         times = self.batch if self.layout == "latency" else 1
+        mv = None
         if not (self.layout == "throughput" and src.per_ct == 1 and dst.per_ct == 1):
             expanded = payload == 0 and self.expansion is not None
-            mv = build_matvec(affine, src, dst, self.slots, self.expansion if expanded else None, self.key_mode)
+            mv = build_matvec(affine, src, dst, self.slots, self.expansion if expanded else None, self.key_mode,
+                              fold=self.folds(affine))
             self.rotation_steps |= mv.rotation_steps()
             for step, count in mv.rotation_uses().items():
                 self.rotation_uses[step] = self.rotation_uses.get(step, 0) + count * times
@@ -392,7 +498,11 @@ class DryRuntime(Runtime):
             self.mults += int(affine.weight.nnz)
             self.mults_at[payload] = self.mults_at.get(payload, 0) + int(affine.weight.nnz)
         self.live_at[payload + 1] = max(self.live_at.get(payload + 1, 0), 2 * dst.n_cts * times)  # out + activation
-        return self._note(names, "linear", 1, payload + 1), dst
+        out = self._note(names, "linear", 1, payload + 1)
+        if getattr(mv, "fold_steps", None):
+            self.folded.append(names)
+            out = self._mark(out, mv.fold_gain * self.fold_bound, frozenset({names}))
+        return out, dst
 
     def poly(self, payload: int, coeffs: list[float], input_bound: float | None = None) -> int:
         from privml.he.kernels import poly_depth
@@ -401,22 +511,24 @@ class DryRuntime(Runtime):
             self.fresh_maps.add(("non-affine",))
         degree = max((i for i, c in enumerate(coeffs) if c != 0.0), default=0)
         cost = poly_depth(degree)
-        return self._note(current_module() or "", f"poly(deg {degree})", cost, payload + cost)
+        out = self._note(current_module() or "", f"poly(deg {degree})", cost, payload + cost)
+        return self._mark(out, spill_after_poly(coeffs, _spill(payload)), _sources(payload))
 
     def mul(self, a: int, b: int) -> int:
         if 0 in (a, b):
             self.fresh_maps.add(("non-affine",))
-        return self._note(current_module() or "", "mul", 1, max(a, b) + 1)
+        out = self._note(current_module() or "", "mul", 1, max(a, b) + 1)
+        return self._mark(out, spill_after_product(_spill(a), _spill(b)), _sources(a, b))
 
     def square(self, a: int) -> int:
         if a == 0:
             self.fresh_maps.add(("non-affine",))
-        return self._note(current_module() or "", "square", 1, a + 1)
+        return self._mark(self._note(current_module() or "", "square", 1, a + 1), _spill(a) * _spill(a), _sources(a))
 
     def add(self, a: int, b: int, negate_b: bool = False) -> Level:
         if 0 in (a, b):
             self.fresh_maps.add(("non-affine",))
-        return Level(max(a, b))
+        return self._mark(Level(max(a, b)), _spill(a) + _spill(b), _sources(a, b))
 
     def levels_left(self, payload: int) -> int:
         return 10**6
@@ -796,8 +908,7 @@ class CKKSBackend:
                     if context.params != params else f"no Galois keys for rotations {missing[:8]}") + ")")
         self.ctx = context if context is not None else CKKSContext.generate(params, steps)
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
-                               lanes=plan.params.get("lanes"), split_before=split_before_of(plan))
+        self.runtime = runtime_for(plan, self.ctx)
         self.sent_batches: set[int] = set()  # batch sizes this client encrypted: a result must have one of them
 
     def encrypt(self, x: torch.Tensor) -> CKKSTensor:
@@ -901,8 +1012,7 @@ class CKKSServer:
             raise KeyMaterialError("privml: the context given to the server contains a secret key; send "
                                    "session.public_context() instead")
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
-        self.runtime = Runtime(self.ctx, layout, _expansion_of(plan), key_mode=plan.params.get("key_mode", "direct"),
-                               lanes=plan.params.get("lanes"), split_before=split_before_of(plan))
+        self.runtime = runtime_for(plan, self.ctx)
 
     def warm(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
         """Encode ``model``'s weight diagonals now, by running it once on an encryption of zeros (the public key
@@ -932,23 +1042,37 @@ def make_backend(plan: Any, context: Any = None, **_: Any) -> CKKSBackend:
     return CKKSBackend(plan, context)
 
 
+def runtime_for(plan: Any, ctx: Any) -> Runtime:
+    """The runtime a plan's CKKS parameters, layout and routing choices describe (client, server and workers)."""
+    p = plan.params
+    return Runtime(ctx, p.get("layout", "latency"), _expansion_of(plan), key_mode=p.get("key_mode", "direct"),
+                   lanes=p.get("lanes"), split_before=split_before_of(plan), fold_bound=p.get("fold_bound"),
+                   no_fold=names_of(plan, "no_fold"), rescale_first=p.get("rescale_first", False))
+
+
+def names_of(plan: Any, key: str) -> frozenset[str]:
+    """A plan field holding op names (``split_before``, ``no_fold``), validated."""
+    names = plan.params.get(key, [])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise MalformedInput(f"privml: the plan's {key} must be a list of op names, got {names!r}")
+    return frozenset(names)
+
+
 def split_before_of(plan: Any) -> frozenset[str]:
     """The ops the plan applies on their own instead of fusing them into the pending linear map."""
-    names = plan.params.get("split_before", [])
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise MalformedInput(f"privml: the plan's split_before must be a list of op names, got {names!r}")
-    return frozenset(names)
+    return names_of(plan, "split_before")
 
 
 def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, batch: int = 1,
             input_expansion: bool = True, slots: int = 1 << 14, expansion: Any = None,
-            lanes: int | None = None, key_mode: str = "direct", split_before: frozenset[str] = frozenset()
-            ) -> DryRuntime:
+            lanes: int | None = None, key_mode: str = "direct", split_before: frozenset[str] = frozenset(),
+            fold_bound: float | None = None, no_fold: frozenset[str] = frozenset()) -> DryRuntime:
     """Route ``model`` without keys to learn its exact depth, rotation steps and slot needs at ``slots``.
 
     With ``input_expansion`` the first linear layer may run on a client-side expansion of the input
     (:mod:`privml.he.expansion`); the model is then routed a second time with it."""
-    rt = DryRuntime(layout, slots=slots, lanes=lanes, key_mode=key_mode, split_before=split_before)
+    rt = DryRuntime(layout, slots=slots, lanes=lanes, key_mode=key_mode, split_before=split_before,
+                    fold_bound=fold_bound, no_fold=no_fold)
     rt.expansion = expansion
     shape = (batch, *input_shape)
     x = CKKSTensor(rt.encrypt(torch.empty(shape)), shape, torch.float32, runtime=rt, pending=None,
@@ -965,5 +1089,5 @@ def dry_run(model: torch.nn.Module, input_shape: tuple[int, ...], layout: str, b
         found = plan_expansion(first.toarray(), slots=rt.slots)
         if found is not None:
             return dry_run(model, input_shape, layout, batch, slots=slots, expansion=found, lanes=lanes,
-                           key_mode=key_mode, split_before=split_before)
+                           key_mode=key_mode, split_before=split_before, fold_bound=fold_bound, no_fold=no_fold)
     return rt

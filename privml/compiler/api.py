@@ -185,7 +185,7 @@ def _plan_ckks(gm: nn.Module, stats: Any, plan: Plan, cfg: CKKSConfig, choice: A
               poly_modulus_degree=cfg.poly_modulus_degree, scale_bits=cfg.scale_bits,
               coeff_mod_bit_sizes=cfg.coeff_mod_bit_sizes, input_expansion=cfg.input_expansion,
               batch_size=cfg.batch_size, max_context_mb=cfg.max_context_mb, rotation_keys=cfg.rotation_keys,
-              fusion=cfg.fusion, depth_budget=cfg.depth_budget)
+              fusion=cfg.fusion, depth_budget=cfg.depth_budget, fold=cfg.fold)
     if choice is not None and choice.total_depth is not None and choice.total_depth != plan.params["depth"]:
         plan.notes.append(f"the approximation pass estimated depth {choice.total_depth}, the dry run found "
                           f"{plan.params['depth']} (the dry run is authoritative)")

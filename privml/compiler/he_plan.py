@@ -39,8 +39,12 @@ class _Routed:
 def _route(gm: fx.GraphModule, plan: Plan, layout: str, split: frozenset[str], max_abs: float, precision_bits: int,
            poly_modulus_degree: int | None, scale_bits: int | None, coeff_mod_bit_sizes: tuple[int, ...] | None,
            input_expansion: bool, batch_size: int | None, max_context_mb: float | None,
-           rotation_keys: str) -> _Routed:
-    """Dry-run the model with the linear maps ``split`` apart, size its parameters and choose its Galois keys."""
+           rotation_keys: str, fold: bool = True, no_fold: frozenset[str] = frozenset()) -> _Routed:
+    """Dry-run the model with the linear maps ``split`` apart, size its parameters and choose its Galois keys.
+
+    ``fold``: single-ciphertext products may fold (:meth:`privml.he.kernels.BlockMatVec._fold`); the maps
+    whose partial sums could overflow a level of the chosen parameters go to ``no_fold`` and the model is routed
+    again."""
     from privml.backends.ckks import dry_run
     from privml.he import memory
     from privml.he.params import choose_params
@@ -48,18 +52,33 @@ def _route(gm: fx.GraphModule, plan: Plan, layout: str, split: frozenset[str], m
     lanes = None
     if layout == "throughput" and batch_size is not None:
         lanes = 1 << max(0, int(batch_size) - 1).bit_length()
-    run = dict(input_expansion=input_expansion, split_before=split)
+    run = dict(input_expansion=input_expansion, split_before=split, fold_bound=max_abs if fold else None,
+               no_fold=no_fold)
     with module_scope(gm):
         rt = dry_run(gm, plan.input_shape, layout, lanes=lanes, **run)
     breakdown = [(names, cost) for names, _, cost, _ in rt.log]
+
+    def sized(bound: float) -> Any:
+        return choose_params(rt.depth, max_abs_value=bound, precision_bits=precision_bits,
+                             min_slots=rt.min_slots if layout == "throughput" else 1,
+                             poly_modulus_degree=poly_modulus_degree, scale_bits=scale_bits,
+                             coeff_mod_bit_sizes=coeff_mod_bit_sizes, depth_breakdown=breakdown)
+
     try:
-        params = choose_params(rt.depth, max_abs_value=max_abs, precision_bits=precision_bits,
-                               min_slots=rt.min_slots if layout == "throughput" else 1,
-                               poly_modulus_degree=poly_modulus_degree,
-                               scale_bits=scale_bits, coeff_mod_bit_sizes=coeff_mod_bit_sizes,
-                               depth_breakdown=breakdown)
+        params = sized(max_abs)
     except DepthExhausted as err:
         raise DepthExhausted(f"privml: {err}") from None
+    last, sources = rt.spill_at.get(rt.depth, (0.0, frozenset()))
+    if last > max_abs:  # spill at the last level: a larger first prime holds it, if the ring stays the same
+        try:
+            wider = sized(last * 4.04)  # _spill_over's margin
+        except PrivmlError:
+            wider = None
+        if wider is None or wider.poly_modulus_degree != params.poly_modulus_degree:
+            return _route(gm, plan, layout, split, max_abs, precision_bits, poly_modulus_degree, scale_bits,
+                          coeff_mod_bit_sizes, input_expansion, batch_size, max_context_mb, rotation_keys,
+                          fold=bool(sources - no_fold), no_fold=no_fold | sources)
+        params = wider
     if lanes is not None and lanes * 2 > params.poly_modulus_degree // 2:
         lanes = None  # one feature per ciphertext is as good when a batch fills more than half the slots
     if params.poly_modulus_degree // 2 != rt.slots or lanes is None:  # packings and steps depend on the slots
@@ -85,9 +104,39 @@ def _route(gm: fx.GraphModule, plan: Plan, layout: str, split: frozenset[str], m
                           f"{params.poly_modulus_degree} (fewest Galois keys), over max_context_mb="
                           f"{max_context_mb:g}: raise the limit, lower the depth or the precision (a smaller ring)")
     _, key_mode, rt, steps, switches = min(fitting, key=lambda o: (o[0], o[1] != "direct"))
+    over = _spill_over(rt.spill_at, params)
+    if over is not None:  # fewer folds (none when the overflow names no map)
+        return _route(gm, plan, layout, split, max_abs, precision_bits, poly_modulus_degree, scale_bits,
+                      coeff_mod_bit_sizes, input_expansion, batch_size, max_context_mb, rotation_keys,
+                      fold=bool(over - no_fold), no_fold=no_fold | over)
     primes = len(params.coeff_mod_bit_sizes) - 1  # data primes of a fresh ciphertext
     work = level_work(rt.rotations_at, rt.mults_at, switches, lambda used: primes - used)
     return _Routed(split, params, rt, lanes, key_mode, steps, switches, ckks_seconds(params.poly_modulus_degree, work))
+
+
+RESCALE_FIRST_BITS = 4  # scale bits beyond precision + noise that let giant rotations follow the rescale
+
+
+def _rescale_first(params: Any, precision_bits: int) -> bool:
+    """Whether single-ciphertext products rescale before their giant rotations (one prime cheaper each): only
+    where the scale exceeds what the precision needs by RESCALE_FIRST_BITS, since each such rotation's noise
+    is then not divided by the dropped prime (up to 16 giant steps: 4 bits)."""
+    from privml.he.params import noise_bits
+
+    return params.scale_bits >= precision_bits + noise_bits(params.poly_modulus_degree) + RESCALE_FIRST_BITS
+
+
+def _spill_over(spill_at: dict[int, tuple[float, frozenset[str]]], params: Any) -> frozenset[str] | None:
+    """The folded maps whose spill (a dry run's levels used -> (bound, sources)) could exceed what its level
+    holds, checked with 2 bits more margin than the runtime's check (``Runtime.value_limit``: a quarter of the
+    modulus over the scale), as SEAL's primes lie below their bit sizes and canonical scales above 2^scale_bits;
+    None where every bound fits."""
+    bits, over = params.coeff_mod_bit_sizes, None
+    for used, (bound, sources) in spill_at.items():
+        level = params.depth - used
+        if level < 0 or not bound < 2.0 ** (sum(bits[: level + 1]) - 5 - params.scale_bits):
+            over = (over or frozenset()) | sources
+    return over
 
 
 def _fusion_row(point: str, pending: str, fused: _Routed, split: _Routed | None, why: str = "") -> dict[str, Any]:
@@ -105,7 +154,8 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
               precision_bits: int = 20, poly_modulus_degree: int | None = None, scale_bits: int | None = None,
               coeff_mod_bit_sizes: tuple[int, ...] | None = None, input_expansion: bool = True,
               batch_size: int | None = None, max_context_mb: float | None = None,
-              rotation_keys: str = "auto", fusion: str = "auto", depth_budget: int | None = None) -> None:
+              rotation_keys: str = "auto", fusion: str = "auto", depth_budget: int | None = None,
+              fold: bool = True) -> None:
     """Fill ``plan.params`` (CKKS parameters, rotation steps, layout, fusions) and the per-layer levels.
 
     ``batch_size`` (throughput layout): pack for batches of at most that many samples. Below half the
@@ -118,14 +168,15 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
     linear), ``auto`` fuses them (one level, the product's diagonals) or applies them apart (one more level,
     each map's own diagonals) by predicted seconds, one point at a time; ``always``/``never`` force it. The
     plan's ``fusion`` table shows each point, both costs and the choice. ``auto`` never splits past
-    ``depth_budget``."""
+    ``depth_budget``. ``fold``: see :func:`_route`."""
     from privml.he import memory
 
     max_abs = max((st.abs_max for st in stats.values()), default=1.0) * HEADROOM
     route = functools.partial(_route, gm, plan, layout, max_abs=max_abs, precision_bits=precision_bits,
                               poly_modulus_degree=poly_modulus_degree, scale_bits=scale_bits,
                               coeff_mod_bit_sizes=coeff_mod_bit_sizes, input_expansion=input_expansion,
-                              batch_size=batch_size, max_context_mb=max_context_mb, rotation_keys=rotation_keys)
+                              batch_size=batch_size, max_context_mb=max_context_mb, rotation_keys=rotation_keys,
+                              fold=fold)
     best = route(frozenset())
     points = dict(best.rt.fusion_points)
     several = {op for op in points if best.rt.mixing_steps.get(op, 0) != 1}  # a split is named by its op
@@ -176,6 +227,10 @@ def plan_ckks(gm: fx.GraphModule, stats: dict[str, RangeStats], plan: Plan, layo
         "memory_gb": mem.to_dict(),
         "max_abs_value": max_abs,
         "input_expansion": rt.expansion.to_dict() if rt.expansion is not None else None,
+        "fold_bound": rt.fold_bound,  # None: no product folds (privml.backends.ckks.Runtime)
+        "rescale_first": _rescale_first(params, precision_bits),
+        "no_fold": sorted(rt.no_fold),
+        "folded": rt.folded,
     })
     _levels_into_layers(plan, rt.log)
 

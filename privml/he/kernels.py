@@ -25,6 +25,7 @@ from privml.he.context import CKKSContext, seal
 
 __all__ = [
     "BlockMatVec",
+    "cheapest_matvec",
     "dense_throughput",
     "eval_poly",
     "poly_depth",
@@ -232,6 +233,8 @@ class BlockMatVec:
         width: int = 1,
         bias: np.ndarray | None = None,
         key_mode: str = "direct",
+        fold: int = 0,
+        rescale_first: bool = False,
     ) -> None:
         if key_mode not in ("few", "direct"):
             raise InvalidInput(f"key_mode must be 'few' or 'direct', got {key_mode!r}")
@@ -266,6 +269,13 @@ class BlockMatVec:
             )
         self.bias = None if bias is None else _bias_vector(bias, n_out_units)
         self._key = ("BlockMatVec", next(_KEYS))
+        self.fold_steps: list[int] = []  # rotate-and-add steps summing the output's copies (see _fold)
+        self.fold_gain = 0.0  # |a value left outside the output units| <= fold_gain * max |input value|
+        # rescale each giant step's sum before its rotation: giant key switches one prime cheaper, one rescale
+        # per giant step; the rotation's noise is then not divided by the dropped prime (plans with spare scale)
+        self.rescale_first = bool(rescale_first)
+        if fold:
+            o, self.fold_steps, self.fold_gain = self._fold(o, i, v, _positive_int(fold, "fold"))
 
         # One sort by (out ct, in ct, diagonal mod slots, out unit) groups the entries by block diagonal
         # and puts duplicated (o, i) pairs side by side (o and d determine i); they are summed, zeros dropped.
@@ -331,6 +341,31 @@ class BlockMatVec:
             n_bias = int(np.count_nonzero(np.any(self.bias.reshape(self.n_out_cts, self.per_ct) != 0.0, axis=1)))
         self.plaintext_count = self.diagonal_count + n_bias
 
+    def _fold(self, o: np.ndarray, i: np.ndarray, v: np.ndarray, period: int) -> tuple[np.ndarray, list[int], float]:
+        """Output row o's entry with input i goes to copy t = (i - o + span - 1) // period at slot o + t*period,
+        so every diagonal lies in (-span, period - span]: at most ``period`` diagonals (instead of up to
+        n + m - 1 for an m x n map with m < n), one product each, shared by all copies. After the rescale,
+        log2(copies) rotate-and-adds sum the copies into slot o (the hybrid diagonal method, Juvekar et al.,
+        GAZELLE 2018). Slots outside the output units then hold partial sums of rows, never more than
+        max_o sum |W_o| * max |x|: the returned gain, which the caller must bound."""
+        if self.n_in_cts != 1 or self.n_out_cts != 1 or self.width != 1:
+            raise InvalidInput("fold needs one input and one output ciphertext of width 1 (latency layout)")
+        span = int(o.max()) + 1 if o.size else 1
+        if period < span:
+            raise InvalidInput(f"fold period {period} is shorter than the output span {span}")
+        t = (i - o + span - 1) // period
+        levels = max(0, (int(t.max()) if t.size else 0)).bit_length()
+        if span + ((1 << levels) - 1) * period > self.slots:
+            raise InvalidInput(f"a fold of period {period} with {1 << levels} copies exceeds {self.slots} slots")
+        gain = float(np.bincount(o, weights=np.abs(v)).max()) if o.size else 0.0
+        return o + t * period, [period << j for j in range(levels)], gain
+
+    def _fold_sum(self, ctx: CKKSContext, acc: Any) -> Any:
+        """Sum the output copies into the output units by rotate-and-add (:meth:`_fold`)."""
+        for step in self.fold_steps:
+            ctx.add_inplace(acc, ctx.rotate(acc, step))
+        return acc
+
     def _merge_equal_inputs(self, key: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         """Input ciphertexts whose block diagonals are all equal are added first and read once.
 
@@ -383,7 +418,7 @@ class BlockMatVec:
     @property
     def rotation_count(self) -> int:
         """Rotations per :meth:`apply` (fewer only if whole groups of products round to zero)."""
-        return self.baby_count + self.giant_count
+        return self.baby_count + self.giant_count + len(self.fold_steps)
 
     @property
     def mult_count(self) -> int:
@@ -395,8 +430,8 @@ class BlockMatVec:
         if self.key_mode == "direct":
             steps = {b * self.unit for s in self._babies.values() for b in s}
             steps |= {g * self.step for t in self._terms.values() for g in t if g != 0}
-            return steps
-        steps = set()
+            return steps | set(self.fold_steps)
+        steps = set(self.fold_steps)
         if any(self._babies.values()):
             steps.add(self.unit)
         gs = [g for t in self._terms.values() for g in t]
@@ -415,6 +450,7 @@ class BlockMatVec:
         else:
             chain = max((max(s, default=0) for s in self._babies.values()), default=0)
             giants = max((max(max(t), 0) - min(min(t), 0) for t in self._terms.values()), default=0)
+        giants += len(self.fold_steps)
         per_out: dict[int, int] = {}
         for c, a, _ in self._bounds:  # a merged input is a sum of its members' ciphertexts
             per_out[c] = per_out.get(c, 0) + len(self._groups.get(a, (a,)))
@@ -422,7 +458,7 @@ class BlockMatVec:
 
     def rotation_uses(self) -> dict[int, int]:
         """Rotation step -> rotations by it per :meth:`apply` (what choosing the Galois keys weighs)."""
-        uses: dict[int, int] = {}
+        uses: dict[int, int] = dict.fromkeys(self.fold_steps, 1)
         if self.key_mode == "direct":
             for s in self._babies.values():
                 for b in s:
@@ -434,7 +470,7 @@ class BlockMatVec:
             return uses
         babies = sum(max(s, default=0) for s in self._babies.values())
         if babies:
-            uses[self.unit] = babies
+            uses[self.unit] = uses.get(self.unit, 0) + babies
         for t in self._terms.values():
             if max(t) > 0:
                 uses[self.step] = uses.get(self.step, 0) + max(t)
@@ -512,6 +548,10 @@ class BlockMatVec:
                     else:
                         ctx.add_inplace(acc, dst)
                 inner[g] = acc
+            if self.rescale_first:
+                for v in inner.values():
+                    if v is not None:
+                        ctx.rescale_inplace(v, target)
             if self.key_mode == "direct":
                 parts = [v if g == 0 or v is None else ctx.rotate(v, g * self.step) for g, v in inner.items()]
             else:
@@ -525,13 +565,47 @@ class BlockMatVec:
             if acc is None:
                 acc = ctx.zero(lvl - 1, target)
             else:
-                ctx.rescale_inplace(acc, target)
+                # the copies' sum: before the rescale its rotations' noise is divided by the prime too; after it
+                # (rescale_first plans, whose scale has bits to spare) each key switch is one prime cheaper
+                acc = self._fold_sum(ctx, acc)
+                if not self.rescale_first:
+                    ctx.rescale_inplace(acc, target)
             if self.bias is not None:
                 vec = self._bias_block(c)
                 if vec is not None:
                     ctx.add_encoded_inplace(acc, ctx.encode(vec, lvl - 1, target, key=(self._key, "bias", c)))
             out.append(acc)
         return out
+
+
+KEY_SWITCH_PRODUCTS = 20  # a key switch costs about 20 ciphertext x plaintext products (measured here: 11.6 ms vs
+# 0.59 ms at N=8192 with 8 primes, privml.compiler.costs): what choosing a fold period weighs
+
+
+def cheapest_matvec(out_idx: np.ndarray, in_idx: np.ndarray, values: np.ndarray, slots: int,
+                    bias: np.ndarray | None = None, key_mode: str = "direct",
+                    rescale_first: bool = False) -> BlockMatVec:
+    """The block product of a map between one ciphertext and one ciphertext (width 1), plain or folded
+    (:meth:`BlockMatVec._fold`), whichever needs the fewest key switches (x KEY_SWITCH_PRODUCTS) plus products.
+    A folded product leaves bounded partial sums outside its output units (``fold_gain``)."""
+    best = BlockMatVec(out_idx, in_idx, values, 1, 1, slots, 1, bias, key_mode, rescale_first=rescale_first)
+    if np.size(out_idx) == 0:
+        return best
+    m, n = int(np.max(out_idx)) + 1, int(np.max(in_idx)) + 1
+
+    def cost(mv: BlockMatVec) -> int:
+        return KEY_SWITCH_PRODUCTS * mv.rotation_count + mv.mult_count
+
+    periods = {m} | {-(-(n + m - 1) // f) for f in (2, 4, 8, 16, 32)}
+    for period in sorted(p for p in periods if p >= m):
+        try:
+            mv = BlockMatVec(out_idx, in_idx, values, 1, 1, slots, 1, bias, key_mode, fold=period,
+                             rescale_first=rescale_first)
+        except InvalidInput:  # its copies do not fit the slots
+            continue
+        if cost(mv) < cost(best):
+            best = mv
+    return best
 
 
 # ------------------------------------------------------------------------------------------------
