@@ -66,6 +66,7 @@ def latency(tuned: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor, label:
           f"{ctx_mb:7.1f} MB (plan {p['public_context_mb']:.1f}) | first {times[0]:.2f} s, warm median "
           f"{warm:.3f} s/image (plan: linear work {p['predicted_seconds']:.3f} s) | max logit err {err:.3g}",
           flush=True)
+    print(f"         folded products: {', '.join(p.get('folded') or []) or 'none'}", flush=True)
     for row in p["fusion"]:  # the planner's decision where two position-mixing maps meet
         print(f"         fusion at {row['op']} after {row['pending']}: {row['chosen']} ({row['why']})", flush=True)
 
@@ -106,6 +107,7 @@ def main() -> None:
         latency(tuned, calib, x, "baseline: precision 14, a key a step", args.images, precision_bits=14,
                 rotation_keys="direct")
     latency(tuned, calib, x, "demo: precision 6", args.images, precision_bits=6)
+    latency(tuned, calib, x, "demo, fold=False (no rotate-and-add)", args.images, precision_bits=6, fold=False)
     latency(tuned, calib, x, "demo, fusion='never' (maps apart)", args.images, precision_bits=6, fusion="never")
     latency(tuned, calib, x, "precision 14 (N=16384)", args.images, precision_bits=14)
     if not args.skip_baseline:
