@@ -42,8 +42,11 @@ def status_of(exc: PrivmlError) -> int:
     return 422
 
 
-def make_server(compiled: CompiledModel, context: bytes, credentials: dict[str, Any] | None, warm_up: bool) -> Any:
-    """The backend's server object for one client's public context (hybrid: and its enclave credentials)."""
+def make_server(compiled: CompiledModel, context: bytes, credentials: dict[str, Any] | None, warm_up: bool,
+                others: Any = ()) -> Any:
+    """The backend's server object for one client's public context (hybrid: and its enclave credentials). A CKKS
+    server shares the linear maps and encoded weight diagonals of one of ``others`` (the same process's servers of
+    this plan for other clients): they depend on the plan only, so a second client's upload encodes nothing."""
     plan = compiled.plan
     if plan.backend == "hybrid":
         from privml.backends.hybrid import HybridServer
@@ -51,7 +54,8 @@ def make_server(compiled: CompiledModel, context: bytes, credentials: dict[str, 
         return HybridServer(plan, context, credentials)  # no warm-up: it would spend enclave decryption budget
     from privml.backends.ckks import CKKSServer
 
-    server = CKKSServer(plan, context)
+    like = next((s for s in others if isinstance(s, CKKSServer)), None)
+    server = CKKSServer(plan, context, like=like)
     if warm_up:
         server.warm(compiled, plan.input_shape)
     return server
@@ -79,7 +83,8 @@ class ThreadEvaluator:
 
     def add(self, key_id: str, context: bytes, credentials: dict[str, Any] | None) -> None:
         if key_id not in self._servers:
-            self._servers[key_id] = (make_server(self.compiled, context, credentials, self.warm_up),
+            others = [server for server, _ in self._servers.values()]
+            self._servers[key_id] = (make_server(self.compiled, context, credentials, self.warm_up, others),
                                      threading.Lock())
 
     def run(self, key_id: str, request: bytes) -> bytes:
@@ -117,7 +122,7 @@ def _worker_main(conn: Any, compiled: CompiledModel, warm_up: bool) -> None:
             if op == "keys":
                 _, key_id, context, credentials = msg
                 if key_id not in servers:
-                    servers[key_id] = make_server(compiled, context, credentials, warm_up)
+                    servers[key_id] = make_server(compiled, context, credentials, warm_up, list(servers.values()))
                 conn.send(("ok", None))
             elif op == "infer":
                 conn.send(("ok", servers[msg[1]].run(compiled, msg[2])))

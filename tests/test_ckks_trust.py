@@ -175,7 +175,7 @@ def test_same_weights_encode_nothing_new(latency) -> None:
     rebuilt or re-encoded (what is still encoded per call is the inputs and the ReLU's scalar constants)."""
     compiled, session, x, _, _ = latency
     session.decrypt(compiled(session.encrypt(x)))
-    rt, stats, cache = session.backend.runtime, session.backend.ctx.stats, session.backend.ctx._encoder._cache
+    rt, stats, cache = session.backend.runtime, session.backend.ctx.stats, session.backend.ctx._encoder.cache.items
     sizes = (len(rt._affine_cache), len(rt._matvec_cache), len(cache))
     before = stats["encodes"]
     out = session.decrypt(compiled(session.encrypt(x)))

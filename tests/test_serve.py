@@ -335,3 +335,31 @@ def test_hybrid_bundle_served_with_the_clients_enclave(tmp_path):
             assert (got.argmax(1) == compiled(x[:3]).argmax(1)).all()
     finally:
         svc.stop()
+
+
+def test_clients_of_one_plan_share_the_encoded_weights(bundle):
+    """Two clients' servers in one process: the second shares the first's linear maps and encoded diagonals
+    (they depend on the plan only), encodes nothing at its warm-up, and each client decrypts its own result."""
+    from privml.backends.ckks import CKKSServer, dumps, loads
+    from privml.serve_pool import ThreadEvaluator
+
+    compiled, x, _ = bundle
+    sessions = [privml.Session(compiled.plan) for _ in range(2)]
+    evaluator = ThreadEvaluator(compiled, warm_up=True, concurrency=2)
+    try:
+        for i, s in enumerate(sessions):
+            evaluator.add(f"k{i}", s.backend.public_context(), None)
+        first, second = (evaluator._servers[f"k{i}"][0] for i in range(2))
+        assert second.ctx._encoder.cache is first.ctx._encoder.cache and first.ctx._encoder.cache.items
+        assert second.runtime._matvec_cache is first.runtime._matvec_cache
+        for i, s in enumerate(sessions):
+            out = evaluator.run(f"k{i}", dumps(s.encrypt(x[i:i + 2])))
+            got = s.decrypt(loads(out, s.backend.runtime))
+            assert (got - compiled(x[i:i + 2])).abs().max() < TOL
+        assert second.ctx.stats["encodes"] == 0  # every diagonal came from the first client's warm-up
+        other = privml.Plan.from_json(compiled.plan.to_json())
+        other.params["output_range"] = [-1.0, 1.0]  # another compilation of the same architecture
+        with pytest.raises(InvalidInput, match="same plan"):
+            CKKSServer(other, sessions[0].backend.public_context(), like=first)
+    finally:
+        evaluator.close()

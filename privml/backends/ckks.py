@@ -285,7 +285,9 @@ class Runtime:
         return packings.for_shape(sample, self.slots)
 
     def _encrypt_vector(self, v: np.ndarray) -> Any:
-        return self.ctx.encrypt(v)
+        """Secret-key encryption where the key is (the client): less noise than public-key encryption and about
+        twice as fast (7 vs 12.5 ms at N=16384); a server warming up encrypts with the public key."""
+        return self.ctx.encrypt_symmetric(v) if self.ctx.has_secret_key else self.ctx.encrypt(v)
 
     # ---- client side
     def encrypt(self, x: torch.Tensor) -> list:
@@ -318,6 +320,11 @@ class Runtime:
         if len(vectors) != k:
             raise MalformedInput(f"privml: {len(vectors)} ciphertexts where the packing has {k}")
         return packing.gather(vectors)[:, :batch].T
+
+    def share_maps(self, other: Runtime) -> None:
+        """Use ``other``'s caches of linear maps and block products (a runtime of the same plan): the products'
+        keys then match the plaintexts a shared cache holds (:meth:`CKKSContext.share_plaintexts`)."""
+        self._mixing, self._affine_cache, self._matvec_cache = other._mixing, other._affine_cache, other._matvec_cache
 
     # ---- spill: what folded products leave outside the units (Spilled)
     def value_limit(self, payload: Any) -> float:
@@ -999,10 +1006,13 @@ class CKKSBackend:
 class CKKSServer:
     """Server side: evaluates a compiled model on ciphertexts with a public context (no secret key)."""
 
-    def __init__(self, plan: Any, public_context: bytes) -> None:
+    def __init__(self, plan: Any, public_context: bytes, like: CKKSServer | None = None) -> None:
+        """``like``: a server of the same plan (another client's keys) whose linear maps and encoded diagonals
+        this one shares: they depend on the plan and the parameters only, never on keys."""
         from privml.he.serialize import load_context
 
         params, _, layout = _params_of(plan)
+        self.plan = plan
         self.ctx = load_context(public_context)
         if self.ctx.params != params:
             raise InvalidInput("privml: the public context's parameters differ from the plan's")
@@ -1013,6 +1023,11 @@ class CKKSServer:
                                    "session.public_context() instead")
         self.ctx.cache_bytes = PLAINTEXT_CACHE_BYTES
         self.runtime = runtime_for(plan, self.ctx)
+        if like is not None:
+            if like.plan.to_json() != plan.to_json():
+                raise InvalidInput("privml: a server shares its encoded weights only with servers of the same plan")
+            self.ctx.share_plaintexts(like.ctx)
+            self.runtime.share_maps(like.runtime)
 
     def warm(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
         """Encode ``model``'s weight diagonals now, by running it once on an encryption of zeros (the public key

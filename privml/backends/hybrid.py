@@ -144,10 +144,6 @@ class HybridRuntime(Runtime):
             raise PrivmlError("privml: this hybrid runtime has no enclave connection, so it cannot refresh")
         return self.refresher
 
-    def _encrypt_vector(self, v: np.ndarray) -> Any:
-        """Secret-key encryption when the key is here (the client): less noise than public-key encryption."""
-        return self.ctx.encrypt_symmetric(v) if self.ctx.has_secret_key else self.ctx.encrypt(v)
-
     def fit(self, payload: list, k: int) -> list:
         """``payload`` with at least ``k`` levels above the floor (refreshed if needed)."""
         if self.levels_left(payload) - k < self.floor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from privml.errors import BudgetError, DepthExhausted, KeyMaterialError
+from privml.errors import BudgetError, DepthExhausted, InvalidInput, KeyMaterialError
 from privml.he.chain import ModulusChain
 from privml.he.encoder import Encoder, check_values
 from privml.he.keys import KeySet, build_seal_context, fingerprint_of, galois_elt
@@ -118,6 +118,13 @@ class CKKSContext:
     @cache_bytes.setter
     def cache_bytes(self, value: int) -> None:
         self._encoder.cache_bytes = value
+
+    def share_plaintexts(self, other: CKKSContext) -> None:
+        """Use ``other``'s plaintext cache from now on (equal parameters required: a plaintext depends on them
+        only, never on keys), so constant diagonals encoded for one client serve every client of the plan."""
+        if other.keys.params != self.keys.params:
+            raise InvalidInput("privml: plaintexts can be shared only between contexts of equal CKKS parameters")
+        self._encoder.cache = other._encoder.cache
 
     def clear_cache(self, keep_caching: bool = True) -> None:
         """Free the plaintext cache (e.g. of keys rotated out, which only decrypt from now on)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Hashable
 from typing import Any
 
@@ -33,6 +34,33 @@ def check_values(values: Any, slots: int, what: str = "values") -> np.ndarray:
     return arr
 
 
+class PlaintextCache:
+    """Encoded constant plaintexts by key within a byte budget. A plaintext depends on the CKKS parameters only,
+    never on keys, so contexts of equal parameters may share one (a service's clients of one plan encode the
+    model's diagonals once): :meth:`privml.he.context.CKKSContext.share_plaintexts`."""
+
+    def __init__(self, budget: int = DEFAULT_CACHE_BYTES) -> None:
+        self.budget = budget
+        self.used = 0
+        self.items: dict[Hashable, tuple[Any, int]] = {}
+        self.lock = threading.Lock()  # threads of one service share it
+
+    def get(self, key: Hashable) -> Any:
+        hit = self.items.get(key)
+        return None if hit is None else hit[0]
+
+    def put(self, key: Hashable, pt: Any, size: int) -> None:
+        with self.lock:
+            if key not in self.items and self.used + size <= self.budget:
+                self.items[key] = (pt, size)
+                self.used += size
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.used = 0
+
+
 class Encoder:
     """SEAL's CKKS encoder bound to a modulus chain; counts encodes in ``stats["encodes"]`` (a shared dict)."""
 
@@ -42,9 +70,15 @@ class Encoder:
         self._poly_modulus_degree = poly_modulus_degree
         self._stats = stats
         self.slots = poly_modulus_degree // 2
-        self.cache_bytes = DEFAULT_CACHE_BYTES
-        self._cache: dict[Hashable, Any] = {}
-        self._cache_used = 0
+        self.cache = PlaintextCache()
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.budget
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        self.cache.budget = value
 
     def encode_raw(self, values: Any, level: int, scale: float) -> Any:
         """Plaintext of a checked array or a scalar at ``level`` and ``scale``; RangeViolation if it does not fit."""
@@ -81,24 +115,20 @@ class Encoder:
             raise InvalidInput(f"scale must be positive and finite, got {scale}")
         if key is not None:
             ckey = (key, level, float(scale))
-            hit = self._cache.get(ckey)
+            hit = self.cache.get(ckey)
             if hit is not None:
-                return hit[0]
+                return hit
         if callable(values):
             values = values()
         vals = values if np.ndim(values) == 0 else check_values(values, self.slots)
         pt = self.encode_raw(vals, level, scale)
         if key is not None:
-            size = 8 * self._poly_modulus_degree * (level + 1)
-            if self._cache_used + size <= self.cache_bytes:
-                self._cache[ckey] = (pt, size)
-                self._cache_used += size
+            self.cache.put(ckey, pt, 8 * self._poly_modulus_degree * (level + 1))
         return pt
 
     def clear_cache(self) -> None:
-        """Drop every cached plaintext (and cache nothing more until ``cache_bytes`` is raised again)."""
-        self._cache.clear()
-        self._cache_used = 0
+        """Drop every cached plaintext."""
+        self.cache.clear()
 
     def decode(self, pt: Any) -> np.ndarray:
         """All ``slots`` values of a plaintext."""
