@@ -306,6 +306,7 @@ def test_session_replays_mobile_ops() -> None:
     assert layers["transpose"]["bytes"] == 0 and layers["getitem"]["bytes"] == 0
 
 
+@pytest.mark.slow  # ~10 s; test_mpc_launcher's 2-party TTP case covers the dealer process by default
 def test_public_weights_with_a_dealer_process() -> None:
     """weight_party=None: every party holds the weights, so linear layers are local; TTP deals the triples."""
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()

@@ -89,6 +89,7 @@ def _wait_no_parties(host: Host, timeout: float = 15.0) -> None:
     assert not host.parties(), "a remote party outlived its pool"
 
 
+@pytest.mark.slow  # ~13 s; test_an_mpc_session_with_a_party_on_another_machine covers remote parties by default
 def test_remote_parties_give_the_local_pools_results_and_serve_the_next_pool(hosts):
     key, (h0, h1) = hosts
     x = torch.randn(4, 3)

@@ -141,6 +141,7 @@ def test_dead_worker_is_party_failure_and_nothing_is_left(setup) -> None:
     assert _gone(pids)
 
 
+@pytest.mark.slow  # ~14 s; test_dead_worker_is_party_failure_and_nothing_is_left covers a failing worker by default
 def test_worker_error_is_reraised_and_a_silent_worker_times_out(setup) -> None:
     srv = ParallelServer(setup["compiled"].plan, setup["ctx"], Refuse(), workers=2, timeout=3)
     pids = srv.pids
