@@ -341,6 +341,8 @@ def test_clients_of_one_plan_share_the_encoded_weights(bundle):
     """Two clients' servers in one process: the second shares the first's linear maps and encoded diagonals
     (they depend on the plan only), encodes nothing at its warm-up, and each client decrypts its own result."""
     from privml.backends.ckks import CKKSServer, dumps, loads
+    from privml.he.context import CKKSContext
+    from privml.he.params import choose_params
     from privml.serve_pool import ThreadEvaluator
 
     compiled, x, _ = bundle
@@ -361,5 +363,8 @@ def test_clients_of_one_plan_share_the_encoded_weights(bundle):
         other.params["output_range"] = [-1.0, 1.0]  # another compilation of the same architecture
         with pytest.raises(InvalidInput, match="same plan"):
             CKKSServer(other, sessions[0].backend.public_context(), like=first)
+        small = CKKSContext.generate(choose_params(1, precision_bits=8, poly_modulus_degree=4096))
+        with pytest.raises(InvalidInput, match="equal CKKS parameters"):
+            small.share_plaintexts(first.ctx)
     finally:
         evaluator.close()
