@@ -30,6 +30,7 @@ def test_unsqueeze_squeeze_validate_on_mpc() -> None:
 
 
 def test_gelu_model_compiles_and_runs_on_mpc_parties() -> None:
+    torch.manual_seed(0)  # its weights, not the order the suite happens to run in, decide the approximation error
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).eval()
     calib = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
     compiled = privml.compile(model, calib, backend="mpc")
