@@ -342,10 +342,9 @@ class Runtime:
         """``payload`` with its spill bound (``sources``: the folded maps it comes from); refuses an overflow."""
         if not spill:
             return payload
-        top = spill
         limit = self.value_limit(payload)
-        if not top < limit:
-            raise DepthExhausted(f"privml: values a folded linear map left outside its outputs could reach {top:.3g} "
+        if not spill < limit:
+            raise DepthExhausted(f"privml: values a folded linear map left outside its outputs could reach {spill:.3g} "
                                  f"here, over the {limit:.3g} this level holds: compile this model again (the "
                                  "planner then applies that map without folding)")
         out = payload if isinstance(payload, Spilled) else Spilled(payload)
